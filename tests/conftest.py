@@ -1,0 +1,104 @@
+"""Test harness: a private MongoDB and private FiftyOne folders, set up before fiftyone is imported.
+
+Tests never touch the user's database: FiftyOne's default one is shared by every process on a
+machine (and the App restores its layout from it).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "mnist"))
+_STATE: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mongod_path() -> str:
+    return str(importlib.metadata.distribution("fiftyone-db").locate_file("fiftyone/db/bin/mongod"))
+
+
+def pytest_configure(config):
+    if "fiftyone" in sys.modules:
+        raise RuntimeError("fiftyone was imported before the test database was set up")
+    tmp = tempfile.mkdtemp(prefix="fo-diffusion-tests-")
+    port = _free_port()
+    dbpath = os.path.join(tmp, "db")
+    os.makedirs(dbpath)
+    proc = subprocess.Popen(
+        [_mongod_path(), "--dbpath", dbpath, "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket"],
+        stdout=open(os.path.join(tmp, "mongod.log"), "w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"private mongod did not start; see {tmp}/mongod.log") from None
+            time.sleep(0.2)
+    plugins_dir = os.path.join(tmp, "plugins")
+    os.makedirs(plugins_dir)
+    os.symlink(ROOT, os.path.join(plugins_dir, "fiftyone-diffusion"))
+    os.environ.update(
+        FIFTYONE_DATABASE_URI=f"mongodb://127.0.0.1:{port}",
+        FIFTYONE_DATABASE_DIR=os.path.join(tmp, "database-dir"),
+        FIFTYONE_DEFAULT_DATASET_DIR=os.path.join(tmp, "datasets"),
+        FIFTYONE_PLUGINS_DIR=plugins_dir,
+        FIFTYONE_DO_NOT_TRACK="true",
+        FIFTYONE_DIFFUSION_MNIST_DIR=MNIST_DIR,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    _STATE.update(tmp=tmp, port=port, proc=proc)
+
+
+def pytest_unconfigure(config):
+    proc = _STATE.get("proc")
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(_STATE["tmp"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_db() -> dict:
+    """The private database the whole session runs against: its URI and folders."""
+    return {"uri": os.environ["FIFTYONE_DATABASE_URI"], "port": _STATE["port"], "tmp": _STATE["tmp"]}
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> str:
+    if not os.path.isdir(MNIST_DIR):
+        pytest.fail(f"MNIST test data missing at {MNIST_DIR}")
+    return MNIST_DIR
+
+
+@pytest.fixture
+def dataset_name(request) -> str:
+    """A unique dataset name per test, deleted afterwards."""
+    import fiftyone as fo
+
+    name = f"test-{request.node.name}-{os.urandom(3).hex()}"[:100]
+    yield name
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
