@@ -1,0 +1,232 @@
+"""Generate DDPM samples straight into a FiftyOne dataset, with recipe, trajectory and prediction."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fiftyone_diffusion.brain.media import atomic_save_image, check_writable_dir
+from fiftyone_diffusion.errors import InputError
+from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
+from fiftyone_diffusion.plugins.ddpm import MAX_STEPS, SAMPLERS, DDPMModel, StepRecord, load_ddpm, sample
+from fiftyone_diffusion.plugins.devices import fast_dtype, resolve_device
+
+DEFAULT_DATASET = "ddpm_mnist_generated_samples"
+MAX_SAMPLES = 100_000
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[0, 1] floats (N, C, H, W) -> uint8 (N, H, W) or (N, H, W, 3)."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
+
+
+class _TrajectoryRecorder:
+    """Keeps K evenly spaced frames (x_t, predicted x_0) and per-step statistics of a batch."""
+
+    def __init__(self, steps: int, frames: int, crop: int | None):
+        self.keep = sorted({int(round(v)) for v in np.linspace(0, steps - 1, frames)}) if frames else []
+        self.crop = crop
+        self.xt, self.x0, self.timesteps, self.all_timesteps = [], [], [], []
+        self.pixel_std, self.eps_norm = [], []
+
+    def _frame(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+        if self.crop and self.crop < x.shape[-1]:
+            off = (x.shape[-1] - self.crop) // 2
+            x = x[..., off : off + self.crop, off : off + self.crop]
+        return x
+
+    def __call__(self, rec: StepRecord) -> None:
+        dims = tuple(range(1, rec.xt.ndim))
+        self.all_timesteps.append(rec.timestep)
+        self.pixel_std.append(rec.xt.float().std(dim=dims).cpu())
+        self.eps_norm.append(rec.eps.float().pow(2).mean(dim=dims).sqrt().cpu())
+        if rec.index in self.keep:
+            self.timesteps.append(rec.timestep)
+            self.xt.append(self._frame(rec.xt))
+            self.x0.append(self._frame(rec.x0))
+
+    def strip(self, i: int) -> np.ndarray:
+        """Sample i's frames as one image: x_t on the top row, predicted x_0 below."""
+        rows = [torch.cat([f[i] for f in frames], dim=-1) for frames in (self.xt, self.x0)]
+        return _to_uint8(torch.cat(rows, dim=-2)[None])[0]
+
+    def document(self, i: int, path: str) -> dict:
+        return {
+            "frames_path": path,
+            "num_frames": len(self.timesteps),
+            "step_indices": self.keep,
+            "timesteps": self.timesteps,
+            "all_timesteps": self.all_timesteps,
+            "pixel_std": [round(float(v[i]), 5) for v in self.pixel_std],
+            "eps_norm": [round(float(v[i]), 5) for v in self.eps_norm],
+        }
+
+
+def validate_generation_args(num_samples: int, sampler: str, steps: int, guidance_scale: float, batch_size: int,
+                             trajectory_steps: int) -> None:
+    """Raise InputError for bad parameters, before anything is loaded or written."""
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples > MAX_SAMPLES:
+        raise InputError(f"num_samples={num_samples} is more than {MAX_SAMPLES} per run; split it into runs")
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if guidance_scale < 0:
+        raise InputError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if batch_size <= 0:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    if trajectory_steps < 0:
+        raise InputError(f"trajectory_steps must be >= 0, got {trajectory_steps}")
+
+
+def _resolve_label(model: DDPMModel, label) -> int | None:
+    if label is None or label == "":
+        return None
+    if not model.conditional:
+        raise InputError(f"model {model.name!r} is unconditional: it cannot generate label {label!r}")
+    try:
+        index = model.classes.index(str(label))
+    except ValueError:
+        raise InputError(f"label {label!r} is not one of the model's classes {model.classes}") from None
+    return index
+
+
+def _get_dataset(dataset):
+    import fiftyone as fo
+
+    if isinstance(dataset, str):
+        if not dataset.strip():
+            raise InputError("dataset name is empty")
+        if fo.dataset_exists(dataset):
+            return fo.load_dataset(dataset)
+        ds = fo.Dataset(dataset)
+        ds.persistent = True
+        return ds
+    return dataset
+
+
+def generate_ddpm_samples(
+    dataset=DEFAULT_DATASET,
+    num_samples: int = 16,
+    model: str | None = None,
+    sampler: str = "dpmsolver++",
+    steps: int = 20,
+    seed: int = 0,
+    label: int | str | None = None,
+    guidance_scale: float = 3.0,
+    batch_size: int = 64,
+    device: str = "auto",
+    trajectory_steps: int = 10,
+    media_dir: str | None = None,
+    classify_samples: bool | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Sample `num_samples` images from a DDPM into `dataset` (a name or a Dataset).
+
+    Sample i uses seed `seed + i`; its `generation` field holds the whole recipe, so it alone
+    regenerates bit-identically on the same device. Digit models also get a `prediction` from
+    the shipped classifier (`classify_samples=None` means: when the model makes digits).
+    """
+    import fiftyone as fo
+
+    validate_generation_args(num_samples, sampler, steps, guidance_scale, batch_size, trajectory_steps)
+    if precision not in ("auto", *PRECISIONS):
+        raise InputError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    dev = resolve_device(device)
+    dtype = PRECISIONS.get(precision) or fast_dtype(dev)
+    if dtype == torch.float16:
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    precision_name = {v: k for k, v in PRECISIONS.items()}[dtype]
+    ddpm = load_ddpm(model, dev)
+    label_index = _resolve_label(ddpm, label)
+    do_classify = ddpm.is_digit_model if classify_samples is None else classify_samples
+    classifier = DigitClassifier.load() if do_classify else None
+    ds = _get_dataset(dataset)
+    folder = media_dir or os.path.join(fo.config.default_dataset_dir, "fiftyone-diffusion", ds.name)
+    folder = check_writable_dir(folder)
+
+    run_key = uuid.uuid4().hex[:8]
+    model_name = ddpm.name
+    created = 0
+    written: list[str] = []
+    bar = tqdm(total=num_samples, desc="generate-ddpm", disable=not progress)
+    try:
+        for start in range(0, num_samples, batch_size):
+            seeds = [seed + i for i in range(start, min(num_samples, start + batch_size))]
+            recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
+            images = sample(ddpm, seeds, sampler, steps, [label_index] * len(seeds), guidance_scale, dev, dtype,
+                            on_step=recorder if trajectory_steps else None)
+            arrays = _to_uint8(images)
+            logits = classify(classifier, images)[0] if classifier is not None else None
+            now = datetime.now(timezone.utc)
+            batch = []
+            written.clear()
+            for j, s in enumerate(seeds):
+                path = os.path.join(folder, f"{run_key}_{start + j:06d}.png")
+                written.append(atomic_save_image(_pil(arrays[j]), path))
+                fields = {
+                    "generation": fo.DynamicEmbeddedDocument(
+                        model=model_name, sampler=sampler, steps=steps, seed=s,
+                        label=None if label_index is None else ddpm.classes[label_index],
+                        guidance_scale=float(guidance_scale) if label_index is not None else None,
+                        precision=precision_name, device=dev.type, run_key=run_key,
+                        created_at=now,
+                    ),
+                }
+                if trajectory_steps:
+                    tpath = os.path.join(folder, "trajectories", f"{run_key}_{start + j:06d}.png")
+                    written.append(atomic_save_image(_pil(recorder.strip(j)), tpath))
+                    fields["trajectory"] = fo.DynamicEmbeddedDocument(**recorder.document(j, tpath))
+                if logits is not None:
+                    probs = torch.softmax(logits[j], 0)
+                    k = int(probs.argmax())
+                    fields["prediction"] = fo.Classification(
+                        label=str(k), confidence=float(probs[k]), logits=logits[j].tolist()
+                    )
+                batch.append(fo.Sample(filepath=path, tags=["generated"], **fields))
+            ds.add_samples(batch, progress=False)
+            created += len(batch)
+            written.clear()
+            bar.update(len(batch))
+            if on_progress:
+                on_progress(created, num_samples)
+    except BaseException:
+        for path in written:  # files of the batch that did not make it into the dataset
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        bar.close()
+    return {"dataset": ds.name, "created": created, "run_key": run_key, "media_dir": folder,
+            "model": model_name, "sampler": sampler, "steps": steps, "device": dev.type}
+
+
+def regenerate_ddpm_sample(sample_or_recipe, device: str = "auto", media_path: str | None = None) -> np.ndarray:
+    """Regenerate one sample's image from its stored `generation` recipe (uint8 array)."""
+    recipe = sample_or_recipe["generation"] if hasattr(sample_or_recipe, "has_field") else sample_or_recipe
+    get = recipe.get if isinstance(recipe, dict) else lambda k: getattr(recipe, k, None)
+    dev = resolve_device(device)
+    ddpm = load_ddpm(get("model"), dev)
+    label = _resolve_label(ddpm, get("label"))
+    dtype = PRECISIONS[get("precision") or "fp32"]
+    guidance = get("guidance_scale") or 1.0
+    images = sample(ddpm, [get("seed")], get("sampler"), get("steps"), [label], guidance, dev, dtype)
+    return _to_uint8(images)[0]

@@ -1,0 +1,231 @@
+"""DDPM training (resume, diffusers output) and generation into datasets, with tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fiftyone_diffusion.errors import InputError
+
+CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone-diffusion")
+
+TINY = dict(block_out_channels=(32, 32, 32), batch_size=4, checkpoint_every=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
+    from fiftyone_diffusion import train_ddpm
+
+    out = str(tmp_path_factory.mktemp("tiny-ddpm"))
+    train_ddpm(out, data_dir=mnist_dir, steps=2, **TINY)
+    return out
+
+
+def _ema(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_training_resumes_at_the_same_step_and_matches_an_uninterrupted_run(tmp_path, mnist_dir):
+    from fiftyone_diffusion import train_ddpm
+
+    interrupted, straight = str(tmp_path / "a"), str(tmp_path / "b")
+    train_ddpm(interrupted, data_dir=mnist_dir, steps=2, **TINY)
+    result = train_ddpm(interrupted, data_dir=mnist_dir, steps=4, **TINY)
+    assert result["resumed_from"] == 2
+    state = torch.load(os.path.join(interrupted, "checkpoint", "state.pt"), weights_only=True)
+    assert state["step"] == 4 and len(state["losses"]) == 4 and state["optimizer"]["state"]
+    train_ddpm(straight, data_dir=mnist_dir, steps=4, **TINY)
+    a, b = _ema(interrupted), _ema(straight)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, mnist_dir):
+    out = str(tmp_path / "killed")
+    cmd = [CLI, "train-ddpm", "--output-dir", out, "--data-dir",
+           mnist_dir, "--steps", "400", "--batch-size", "2", "--checkpoint-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(out, "checkpoint", "state.pt")
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.isfile(ckpt) and torch.load(ckpt, weights_only=True)["step"] >= 2:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= step < 400
+    cmd[cmd.index("--steps") + 1] = str(step + 1)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert f'"resumed_from": {step}' in done.stdout
+
+
+def test_output_is_a_plain_diffusers_folder(tiny_ddpm):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet, info = UNet2DModel.from_pretrained(tiny_ddpm, subfolder="unet", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    scheduler = DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler")
+    assert scheduler.config.num_train_timesteps == 1000 and unet.config.num_class_embeds == 11
+
+
+def test_train_on_a_fiftyone_view(tmp_path, mnist_dir, dataset_name):
+    from fiftyone_diffusion import load_mnist, train_ddpm
+    from fiftyone_diffusion.plugins.ddpm import load_ddpm
+
+    view = load_mnist(dataset_name, "test", max_samples=30, data_dir=mnist_dir)
+    train_ddpm(str(tmp_path), view=view, steps=1, **TINY)
+    model = load_ddpm(str(tmp_path))
+    assert model.classes == sorted(set(view.values("ground_truth.label")), key=int)
+
+
+def test_samplers_are_diffusers_schedulers_without_ddim_clipping(tiny_ddpm):
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    from fiftyone_diffusion.plugins.ddpm import load_ddpm, make_scheduler
+
+    cfg = load_ddpm(tiny_ddpm).scheduler_config
+    assert isinstance(make_scheduler("ddpm", cfg), DDPMScheduler)
+    ddim = make_scheduler("ddim", cfg)
+    assert isinstance(ddim, DDIMScheduler) and ddim.config.clip_sample is False
+    dpm = make_scheduler("dpmsolver++", cfg)
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.algorithm_type == "dpmsolver++"
+
+
+def _png(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "ddpm", "ddim"])
+def test_generation_stores_recipe_trajectory_prediction_and_regenerates(tiny_ddpm, dataset_name, sampler):
+    import fiftyone as fo
+
+    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion.brain.generation import regenerate_ddpm_sample
+
+    result = generate_ddpm_samples(dataset_name, num_samples=5, model=tiny_ddpm, sampler=sampler, steps=4,
+                                   seed=11, label=7, batch_size=2, trajectory_steps=3, progress=False)
+    ds = fo.load_dataset(dataset_name)
+    assert result["created"] == 5 and len(ds) == 5
+    samples = list(ds.sort_by("generation.seed"))
+    assert [s.generation.seed for s in samples] == [11, 12, 13, 14, 15]
+    for s in samples:
+        assert "generated" in s.tags
+        assert s.generation.sampler == sampler and s.generation.steps == 4 and s.generation.label == "7"
+        assert s.generation.model == tiny_ddpm and s.generation.guidance_scale == 3.0
+        assert s.generation.created_at is not None
+        assert isinstance(s.prediction, fo.Classification) and len(s.prediction.logits) == 10
+        assert 0.0 < s.prediction.confidence <= 1.0
+        assert _png(s.filepath).shape == (28, 28)
+        tr = s.trajectory
+        assert tr.num_frames == 3 and len(tr.pixel_std) == 4 and len(tr.eps_norm) == 4
+        assert _png(tr.frames_path).shape == (2 * 28, 3 * 28)
+    # sample 14 came out of a batch of two; it regenerates alone, bit-identically
+    again = regenerate_ddpm_sample(samples[3])
+    assert np.array_equal(again, _png(samples[3].filepath))
+    assert not np.array_equal(_png(samples[0].filepath), _png(samples[1].filepath))
+
+
+def test_unconditional_rgb_folder_in_the_ddpm_cifar10_format(tmp_path, dataset_name):
+    import fiftyone as fo
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from fiftyone_diffusion import generate_ddpm_samples
+
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "cifar")
+    generate_ddpm_samples(dataset_name, num_samples=2, model=str(tmp_path / "cifar"), steps=2, progress=False)
+    ds = fo.load_dataset(dataset_name)
+    sample = ds.first()
+    assert _png(sample.filepath).shape == (32, 32, 3)
+    assert sample.has_field("prediction") is False or sample.prediction is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_samples=0), "num_samples"),
+        (dict(num_samples=10**9), "num_samples"),
+        (dict(steps=0), "steps"),
+        (dict(sampler="euler"), "unknown sampler"),
+        (dict(label=12), "label"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(model="/nonexistent/ddpm"), "does not exist"),
+        (dict(media_dir="/proc/forbidden"), "not writable"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(tiny_ddpm, dataset_name, tmp_path, kwargs, message):
+    import fiftyone as fo
+
+    from fiftyone_diffusion import generate_ddpm_samples
+
+    args = dict(num_samples=2, model=tiny_ddpm, steps=2, media_dir=str(tmp_path / "media"), progress=False)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        generate_ddpm_samples(dataset_name, **args)
+    assert not fo.dataset_exists(dataset_name) or len(fo.load_dataset(dataset_name)) == 0
+    assert not (tmp_path / "media").exists() or not os.listdir(tmp_path / "media")
+
+
+def test_a_folder_that_is_not_a_ddpm_is_rejected(tmp_path, dataset_name):
+    from fiftyone_diffusion import generate_ddpm_samples
+
+    (tmp_path / "notddpm").mkdir()
+    with pytest.raises(InputError, match="not a DDPM pipeline folder"):
+        generate_ddpm_samples(dataset_name, num_samples=1, model=str(tmp_path / "notddpm"), progress=False)
+
+
+def test_failure_half_way_keeps_complete_batches_and_no_orphans(tiny_ddpm, dataset_name, tmp_path, monkeypatch):
+    import fiftyone as fo
+
+    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion.brain import generation
+
+    calls = {"n": 0}
+    real = generation.atomic_save_image
+
+    def flaky(image, path):
+        calls["n"] += 1
+        if calls["n"] == 6:  # image + trajectory per sample: the 3rd sample, in the 2nd batch
+            raise OSError("disk full")
+        return real(image, path)
+
+    monkeypatch.setattr(generation, "atomic_save_image", flaky)
+    media = tmp_path / "media"
+    with pytest.raises(OSError, match="disk full"):
+        generate_ddpm_samples(dataset_name, num_samples=6, model=tiny_ddpm, steps=2, batch_size=2,
+                              media_dir=str(media), progress=False)
+    ds = fo.load_dataset(dataset_name)
+    assert len(ds) == 2
+    on_disk = {str(p) for p in media.rglob("*.png")}
+    in_dataset = set(ds.values("filepath")) | set(ds.values("trajectory.frames_path"))
+    assert on_disk == in_dataset
+
+
+def test_operator_and_cli_generate_into_a_dataset(tiny_ddpm, dataset_name):
+    import fiftyone as fo
+    from fiftyone.operators import execute_operator
+
+    execute_operator("@fiftyone-diffusion/diffusion/generate_ddpm_samples",
+                     params={"dataset": dataset_name, "num_samples": 3, "model": tiny_ddpm, "steps": 2,
+                             "label": 3, "batch_size": 2})
+    assert len(fo.load_dataset(dataset_name)) == 3
+    proc = subprocess.run([CLI, "generate-ddpm-samples", "--dataset",
+                           dataset_name, "--num-samples", "2", "--model", tiny_ddpm, "--steps", "2", "--seed", "100"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(fo.load_dataset(dataset_name)) == 5
+    bad = subprocess.run([CLI, "generate-ddpm-samples", "--dataset",
+                          dataset_name, "--num-samples", "0", "--model", tiny_ddpm], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: num_samples")
