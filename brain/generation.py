@@ -136,10 +136,17 @@ def generate_ddpm_samples(
     media_dir: str | None = None,
     classify_samples: bool | None = None,
     precision: str = "auto",
+    run_key: str | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Sample `num_samples` images from a DDPM into `dataset` (a name or a Dataset).
+
+    Samples are added batch by batch, so a crash loses at most the batch in flight. Passing the
+    `run_key` of an earlier, interrupted run resumes it: the missing samples are generated, none
+    twice, and that run's files that never made it into the dataset are removed. On a CUDA
+    out-of-memory error the batch size halves and the batch is retried (the result says which
+    batch size was used).
 
     Sample i uses seed `seed + i`; its `generation` field holds the whole recipe, so it alone
     regenerates bit-identically on the same device. Digit models also get a `prediction` from
@@ -163,36 +170,42 @@ def generate_ddpm_samples(
     folder = media_dir or os.path.join(fo.config.default_dataset_dir, "fiftyone-diffusion", ds.name)
     folder = check_writable_dir(folder)
 
-    run_key = uuid.uuid4().hex[:8]
-    model_name = ddpm.name
+    run_key = run_key or uuid.uuid4().hex[:8]
+    recipe = {"model": ddpm.name, "sampler": sampler, "steps": steps,
+              "label": None if label_index is None else ddpm.classes[label_index],
+              "guidance_scale": float(guidance_scale) if label_index is not None else None,
+              "precision": precision_name, "device": dev.type, "run_key": run_key}
+    done = resume_run(ds, folder, run_key, recipe, seed)
+    todo = [i for i in range(num_samples) if i not in done]
     created = 0
     written: list[str] = []
-    bar = tqdm(total=num_samples, desc="generate-ddpm", disable=not progress)
+    bar = tqdm(total=num_samples, initial=num_samples - len(todo), desc="generate-ddpm", disable=not progress)
     try:
-        for start in range(0, num_samples, batch_size):
-            seeds = [seed + i for i in range(start, min(num_samples, start + batch_size))]
+        while todo:
+            indices = todo[:batch_size]
+            seeds = [seed + i for i in indices]
             recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
-            images = sample(ddpm, seeds, sampler, steps, [label_index] * len(seeds), guidance_scale, dev, dtype,
-                            on_step=recorder if trajectory_steps else None)
+            try:
+                images = sample(ddpm, seeds, sampler, steps, [label_index] * len(seeds), guidance_scale, dev, dtype,
+                                on_step=recorder if trajectory_steps else None)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)  # retry this batch, halved
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             arrays = _to_uint8(images)
             logits = classify(classifier, images)[0] if classifier is not None else None
             now = datetime.now(timezone.utc)
             batch = []
             written.clear()
-            for j, s in enumerate(seeds):
-                path = os.path.join(folder, f"{run_key}_{start + j:06d}.png")
+            for j, (i, s) in enumerate(zip(indices, seeds, strict=True)):
+                path = os.path.join(folder, f"{run_key}_{i:06d}.png")
                 written.append(atomic_save_image(_pil(arrays[j]), path))
-                fields = {
-                    "generation": fo.DynamicEmbeddedDocument(
-                        model=model_name, sampler=sampler, steps=steps, seed=s,
-                        label=None if label_index is None else ddpm.classes[label_index],
-                        guidance_scale=float(guidance_scale) if label_index is not None else None,
-                        precision=precision_name, device=dev.type, run_key=run_key,
-                        created_at=now,
-                    ),
-                }
+                fields = {"generation": fo.DynamicEmbeddedDocument(**recipe, seed=s, index=i, created_at=now)}
                 if trajectory_steps:
-                    tpath = os.path.join(folder, "trajectories", f"{run_key}_{start + j:06d}.png")
+                    tpath = os.path.join(folder, "trajectories", f"{run_key}_{i:06d}.png")
                     written.append(atomic_save_image(_pil(recorder.strip(j)), tpath))
                     fields["trajectory"] = fo.DynamicEmbeddedDocument(**recorder.document(j, tpath))
                 if logits is not None:
@@ -205,9 +218,10 @@ def generate_ddpm_samples(
             ds.add_samples(batch, progress=False)
             created += len(batch)
             written.clear()
+            todo = todo[len(indices):]
             bar.update(len(batch))
             if on_progress:
-                on_progress(created, num_samples)
+                on_progress(num_samples - len(todo), num_samples)
     except BaseException:
         for path in written:  # files of the batch that did not make it into the dataset
             if os.path.exists(path):
@@ -215,8 +229,40 @@ def generate_ddpm_samples(
         raise
     finally:
         bar.close()
-    return {"dataset": ds.name, "created": created, "run_key": run_key, "media_dir": folder,
-            "model": model_name, "sampler": sampler, "steps": steps, "device": dev.type}
+    return {"dataset": ds.name, "created": created, "resumed": len(done), "run_key": run_key, "media_dir": folder,
+            "model": ddpm.name, "sampler": sampler, "steps": steps, "device": dev.type, "batch_size": batch_size}
+
+
+def resume_run(ds, folder: str, run_key: str, recipe: dict, seed: int) -> set[int]:
+    """Indices of `run_key` already in the dataset; removes that run's files that are not in it.
+
+    A run killed at any point (even kill -9) resumes from here with no duplicates and no orphans.
+    """
+    from fiftyone import ViewField as F
+
+    view = ds.match(F("generation.run_key") == run_key)
+    done: set[int] = set()
+    if len(view):
+        first = view.first().generation
+        for key, value in recipe.items():
+            if getattr(first, key, None) != value:
+                raise InputError(f"run_key {run_key!r} was started with {key}={getattr(first, key, None)!r}, "
+                                 f"not {value!r}")
+        if first.seed - first.index != seed:
+            raise InputError(f"run_key {run_key!r} was started with seed={first.seed - first.index}, not {seed}")
+        done = set(view.values("generation.index"))
+    keep = set(view.values("filepath"))
+    if view.has_field("trajectory"):
+        keep |= set(p for p in view.values("trajectory.frames_path") if p)
+    for sub in (folder, os.path.join(folder, "trajectories")):
+        if not os.path.isdir(sub):
+            continue
+        for name in os.listdir(sub):
+            path = os.path.join(sub, name)
+            ours = name.startswith(f"{run_key}_") or name.startswith(f".tmp-{run_key}_")
+            if ours and path not in keep:
+                os.remove(path)
+    return done
 
 
 def regenerate_ddpm_sample(sample_or_recipe, device: str = "auto", media_path: str | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ def atomic_save_image(image: Image.Image, path: str) -> str:
     """Write `image` to `path` through a temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")

@@ -33,6 +33,7 @@ class GenerateDdpmSamples(foo.Operator):
         inputs.float("guidance_scale", default=3.0, min=0.0, label="Guidance scale")
         inputs.int("batch_size", default=64, min=1, label="Batch size")
         inputs.int("trajectory_steps", default=10, min=0, label="Trajectory frames")
+        inputs.str("run_key", label="Resume run", description="Key of an interrupted run to complete")
         _device_input(inputs)
         return types.Property(inputs, view=types.View(label="Generate DDPM samples"))
 
@@ -44,7 +45,7 @@ class GenerateDdpmSamples(foo.Operator):
             model=p.get("model") or None, sampler=p.get("sampler", "dpmsolver++"), steps=p.get("steps", 20),
             seed=p.get("seed", 0), label=p.get("label"), guidance_scale=p.get("guidance_scale", 3.0),
             batch_size=p.get("batch_size", 64), device=p.get("device", "auto"),
-            trajectory_steps=p.get("trajectory_steps", 10),
+            trajectory_steps=p.get("trajectory_steps", 10), run_key=p.get("run_key") or None,
         )
 
 

@@ -229,3 +229,59 @@ def test_operator_and_cli_generate_into_a_dataset(tiny_ddpm, dataset_name):
     bad = subprocess.run([CLI, "generate-ddpm-samples", "--dataset",
                           dataset_name, "--num-samples", "0", "--model", tiny_ddpm], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: num_samples")
+
+
+def test_run_killed_with_sigkill_resumes_without_duplicates_or_orphans(tiny_ddpm, dataset_name, tmp_path):
+    import signal
+    import time
+
+    import fiftyone as fo
+
+    media = tmp_path / "media"
+    cmd = [CLI, "generate-ddpm-samples", "--dataset", dataset_name, "--num-samples", "40", "--model", tiny_ddpm,
+           "--steps", "2", "--batch-size", "2", "--media-dir", str(media), "--run-key", "killme"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(media.glob("killme_*.png"))) < 7:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ds = fo.load_dataset(dataset_name)
+    before = len(ds)
+    assert 0 < before < 40
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ds.reload()
+    assert len(ds) == 40
+    assert sorted(ds.values("generation.index")) == list(range(40))
+    on_disk = {str(p) for p in media.rglob("*") if p.is_file()}
+    assert on_disk == set(ds.values("filepath")) | set(ds.values("trajectory.frames_path"))
+    assert f'"resumed": {before}' in done.stdout
+
+
+def test_resume_with_other_settings_is_refused(tiny_ddpm, dataset_name):
+    from fiftyone_diffusion import generate_ddpm_samples
+
+    generate_ddpm_samples(dataset_name, num_samples=1, model=tiny_ddpm, steps=2, run_key="r1", progress=False)
+    with pytest.raises(InputError, match="run_key 'r1' was started with steps=2"):
+        generate_ddpm_samples(dataset_name, num_samples=2, model=tiny_ddpm, steps=3, run_key="r1", progress=False)
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tiny_ddpm, dataset_name, monkeypatch):
+    import fiftyone as fo
+
+    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion.brain import generation
+
+    real = generation.sample
+
+    def small_memory(model, seeds, *args, **kwargs):
+        if len(seeds) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample", small_memory)
+    result = generate_ddpm_samples(dataset_name, num_samples=5, model=tiny_ddpm, steps=2, batch_size=8,
+                                   progress=False)
+    assert result["batch_size"] == 2 and result["created"] == 5
+    assert len(fo.load_dataset(dataset_name)) == 5
