@@ -21,9 +21,27 @@ _SDK = {
     "train_classifier": "fiftyone_diffusion.brain.training",
     "train_ddpm": "fiftyone_diffusion.brain.training",
     "generate_ddpm_samples": "fiftyone_diffusion.brain.generation",
+    "generate_sdxl_samples": "fiftyone_diffusion.brain.sdxl",
+    "compute_forward_trajectory": "fiftyone_diffusion.brain.trajectory",
+    "train_clip": "fiftyone_diffusion.brain.clip_training",
+    "compute_clip_embeddings": "fiftyone_diffusion.brain.clip",
+    "build_similarity_index": "fiftyone_diffusion.brain.clip",
+    "search": "fiftyone_diffusion.brain.clip",
+    "zero_shot_classify": "fiftyone_diffusion.brain.clip",
 }
 
 __all__ = sorted(_SDK)
+
+
+def _register_clip_zoo() -> None:
+    """CLIP models by zoo name (similarity indexes store names, so text search works in any process)."""
+    from fiftyone_diffusion.plugins.clip_zoo import register_zoo_manifest
+
+    register_zoo_manifest()
+
+
+if __name__ == "fiftyone_diffusion":
+    _register_clip_zoo()
 
 
 def __getattr__(name: str):
@@ -48,6 +66,7 @@ def _ensure_package_importable() -> None:
 def register(p) -> None:
     """FiftyOne plugin entry point: registers every operator and panel."""
     _ensure_package_importable()
+    _register_clip_zoo()
     from fiftyone_diffusion.operators import OPERATORS
     from fiftyone_diffusion.panels import PANELS
 

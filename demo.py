@@ -32,12 +32,26 @@ def run_demo(no_app: bool = False, num_samples: int = 200, data_dir: str | None 
             "steps": result["steps"], "per_predicted_digit": dict(sorted(Counter(labels).items())),
             "mean_confidence": round(sum(confidences) / max(1, len(confidences)), 4),
         }
+        summary["clip"] = _clip_curation(dataset)
     _print_summary(summary)
     if not no_app:
         session = fo.launch_app(dataset, address=address, port=port, remote=True)
         print(f"FiftyOne App: http://{address}:{port}/  (Ctrl+C to stop)", flush=True)
         session.wait(-1)
     return summary
+
+
+def _clip_curation(dataset) -> dict:
+    """digit-CLIP embeddings, a text-searchable index and zero-shot labels in `clip_prediction`."""
+    from fiftyone_diffusion.brain.clip import build_similarity_index, search, zero_shot_classify
+
+    build_similarity_index(dataset, model="digit-clip", brain_key="clip_sim")
+    zero_shot_classify(dataset, [str(i) for i in range(10)], model="digit-clip", label_field="clip_prediction")
+    agree = sum(a == b for a, b in zip(dataset.values("prediction.label"), dataset.values("clip_prediction.label"),
+                                       strict=True))
+    top = search(dataset, "a handwritten seven", k=10, brain_key="clip_sim")
+    return {"brain_key": "clip_sim", "zero_shot_agrees_with_classifier": round(agree / max(1, len(dataset)), 3),
+            "top10_for_a_handwritten_seven": top.values("prediction.label")}
 
 
 def _print_summary(summary: dict) -> None:
@@ -50,3 +64,8 @@ def _print_summary(summary: dict) -> None:
         print(f"  mean confidence: {g['mean_confidence']:.3f}")
     else:
         print("generated samples: skipped (no shipped DDPM in this install)")
+    c = summary.get("clip")
+    if c:
+        print(f"  digit-CLIP: index '{c['brain_key']}' (try a text query in the App), zero-shot labels in "
+              f"clip_prediction agree with the classifier on {c['zero_shot_agrees_with_classifier'] * 100:.1f}%")
+        print(f"  search 'a handwritten seven' -> top 10 classifier labels {c['top10_for_a_handwritten_seven']}")

@@ -72,3 +72,13 @@ if [ -f "$MONGOD" ] && ldd "$MONGOD" 2>/dev/null | grep -q "libssl.so.1.1 => not
   log "database: added the OpenSSL 1.1 runtime (libssl1.1 from Debian bullseye) for MongoDB 6.0 in $LIBDIR"
 fi
 "$MONGOD" --version >/dev/null || { echo "[setup] error: $MONGOD does not run" >&2; exit 1; }
+
+# Chromium for the browser end-to-end test: Debian's package (Playwright never downloads a browser here).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO="env DEBIAN_FRONTEND=noninteractive"; [ "$(id -u)" = 0 ] || SUDO="sudo -n $SUDO"
+  log "installing chromium (Debian package) for tests/test_browser_e2e.py"
+  if ! { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
+      >"$VENV/chromium-install.log" 2>&1; then
+    log "warning: chromium could not be installed (see $VENV/chromium-install.log); the browser test will fail"
+  fi
+fi
