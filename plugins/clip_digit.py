@@ -8,9 +8,8 @@ import os
 
 from fiftyone_diffusion.plugins.classifier import WEIGHTS_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_CLIP = "digit-clip"
-DIGIT_CLIP_CONFIG = os.path.join(ROOT, "models", "digit-clip.json")
+DIGIT_CLIP_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digit-clip.json")
 SHIPPED_DIGIT_CLIP = os.path.join(WEIGHTS_DIR, "digit-clip")
 # MNIST statistics, replicated over the three channels open_clip feeds the image tower
 PREPROCESS = {"size": 28, "mean": [0.1307] * 3, "std": [0.3081] * 3, "interpolation": "bilinear",

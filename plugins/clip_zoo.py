@@ -1,7 +1,7 @@
 """The package's FiftyOne model-zoo manifest: CLIP models loadable by *name* in any process and in the App.
 
 `register_zoo_manifest()` runs when `fiftyone_diffusion` is imported and when the plugin loads:
-it appends `models/zoo-manifest.json` to FIFTYONE_MODEL_ZOO_MANIFEST_PATHS (inherited by child
+it appends `plugins/configs/zoo-manifest.json` to FIFTYONE_MODEL_ZOO_MANIFEST_PATHS (inherited by child
 processes) and to `fo.config.model_zoo_manifest_paths` when FiftyOne is already imported.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "zoo-manifest.json")
+MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "zoo-manifest.json")
 ENV_VAR = "FIFTYONE_MODEL_ZOO_MANIFEST_PATHS"
 GENERIC_OPEN_CLIP = "fiftyone-diffusion-open-clip"
 GENERIC_TRANSFORMERS = "fiftyone-diffusion-transformers-clip"
