@@ -107,7 +107,8 @@ def _resolve_label(model: DDPMModel, label) -> int | None:
     return index
 
 
-def _get_dataset(dataset):
+def get_or_create_dataset(dataset):
+    """A Dataset given as itself or by name; a new name creates a persistent dataset."""
     import fiftyone as fo
 
     if isinstance(dataset, str):
@@ -166,7 +167,7 @@ def generate_ddpm_samples(
     label_index = _resolve_label(ddpm, label)
     do_classify = ddpm.is_digit_model if classify_samples is None else classify_samples
     classifier = DigitClassifier.load() if do_classify else None
-    ds = _get_dataset(dataset)
+    ds = get_or_create_dataset(dataset)
     folder = media_dir or os.path.join(fo.config.default_dataset_dir, "fiftyone-diffusion", ds.name)
     folder = check_writable_dir(folder)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fiftyone_diffusion.brain.generation import _get_dataset
+from fiftyone_diffusion.brain.generation import get_or_create_dataset
 from fiftyone_diffusion.brain.media import atomic_save_image, check_writable_dir
 from fiftyone_diffusion.errors import InputError
 from fiftyone_diffusion.plugins.devices import resolve_device
@@ -170,7 +170,7 @@ def generate_sdxl_samples(
     refiner_model = load_sdxl(refiner, dev, precision, cpu_offload, refiner=True) if refiner else None
     name = dataset if isinstance(dataset, str) else dataset.name
     folder = check_writable_dir(media_dir or os.path.join(fo.config.default_dataset_dir, "fiftyone-diffusion", name))
-    ds = _get_dataset(dataset)
+    ds = get_or_create_dataset(dataset)
 
     jobs = [(p, seed + k) for k, p in enumerate(q for q in prompts for _ in range(images_per_prompt))]
     total = len(jobs)
