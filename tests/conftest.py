@@ -102,3 +102,14 @@ def dataset_name(request) -> str:
     yield name
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
+    """A tiny class-conditional DDPM folder (2 training steps), trained once per session."""
+    from fiftyone_diffusion import train_ddpm
+
+    out = str(tmp_path_factory.mktemp("tiny-ddpm"))
+    train_ddpm(out, data_dir=mnist_dir, steps=2, block_out_channels=(32, 32, 32), batch_size=4,
+               checkpoint_every=2, progress=False)
+    return out

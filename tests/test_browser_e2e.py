@@ -25,16 +25,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
-    from fiftyone_diffusion import train_ddpm
-
-    out = str(tmp_path_factory.mktemp("tiny-ddpm"))
-    train_ddpm(out, data_dir=mnist_dir, steps=2, block_out_channels=(32, 32, 32), batch_size=4, checkpoint_every=2,
-               progress=False)
-    return out
-
-
 def _free_port() -> int:
     import socket
 

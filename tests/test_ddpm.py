@@ -18,15 +18,6 @@ CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone-diffusion")
 TINY = dict(block_out_channels=(32, 32, 32), batch_size=4, checkpoint_every=1, progress=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
-    from fiftyone_diffusion import train_ddpm
-
-    out = str(tmp_path_factory.mktemp("tiny-ddpm"))
-    train_ddpm(out, data_dir=mnist_dir, steps=2, **TINY)
-    return out
-
-
 def _ema(folder: str) -> dict:
     from safetensors.torch import load_file
 

@@ -6,20 +6,9 @@ import os
 from urllib.parse import unquote
 
 import numpy as np
-import pytest
 from PIL import Image
 
 PLUGIN = "@fiftyone-diffusion/diffusion"
-
-
-@pytest.fixture(scope="module")
-def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
-    from fiftyone_diffusion import train_ddpm
-
-    out = str(tmp_path_factory.mktemp("tiny-ddpm"))
-    train_ddpm(out, data_dir=mnist_dir, steps=2, block_out_channels=(32, 32, 32), batch_size=4, checkpoint_every=2,
-               progress=False)
-    return out
 
 
 def run_panel(panel: str, dataset, method: str = "on_load", current_sample=None, state=None, **params) -> dict:
