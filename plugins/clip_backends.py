@@ -20,7 +20,20 @@ def _torchvision_transform(size: int, crop: int, mean, std, interpolation: str =
                       T.Normalize(mean, std)])
 
 
-class OpenClipBackend:
+class _ClipBackend:
+    """What both backends share: a CLIP `model` with a learned `logit_scale`."""
+
+    model: torch.nn.Module
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def cast(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.model.to(device=device, dtype=dtype)
+
+
+class OpenClipBackend(_ClipBackend):
     kind = "open_clip"
 
     def __init__(self, model_name: str, pretrained: str | None = None, device: torch.device | None = None):
@@ -41,13 +54,6 @@ class OpenClipBackend:
         self.image_size = size[0] if isinstance(size, tuple | list) else int(size)
         self.name = model_name if pretrained is None else f"{model_name}@{pretrained}"
 
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
-    def cast(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.model.to(device=device, dtype=dtype)
-
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x).float()
 
@@ -56,7 +62,7 @@ class OpenClipBackend:
         return self.model.encode_text(self.tokenizer(texts).to(device)).float()
 
 
-class TransformersClipBackend:
+class TransformersClipBackend(_ClipBackend):
     kind = "transformers"
 
     def __init__(self, name_or_path: str, device: torch.device | None = None):
@@ -76,13 +82,6 @@ class TransformersClipBackend:
         self.transform = _torchvision_transform(size, crop, proc.image_mean, proc.image_std)
         self.image_size = crop
         self.name = name_or_path
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
-    def cast(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.model.to(device=device, dtype=dtype)
 
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=x)).float()
