@@ -48,6 +48,8 @@ def _add_train_ddpm(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--init-from", help="warm-start from a DDPM folder written by train-ddpm (or ddpm-mnist)")
 
 
 def _add_generate_ddpm(sub) -> None:
@@ -272,7 +274,8 @@ def run(args: argparse.Namespace) -> object:
                           batch_size=args.batch_size, learning_rate=args.learning_rate,
                           checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
                           conditional=not args.unconditional, upsample_mode=args.upsample_mode, seed=args.seed,
-                          device=args.device, precision=args.precision, resume=not args.no_resume)
+                          device=args.device, precision=args.precision, resume=not args.no_resume,
+                          warmup_steps=args.warmup_steps, init_from=args.init_from)
     if cmd == "generate-ddpm-samples":
         from fiftyone_diffusion.brain.generation import generate_ddpm_samples
 

@@ -156,10 +156,14 @@ def train_ddpm(
     device: str = "auto",
     precision: str = "auto",
     resume: bool = True,
+    init_from: str | None = None,
     progress: bool = True,
     on_progress: ProgressFn | None = None,
 ) -> dict:
     """Train a (class-conditional) DDPM on MNIST or on a view with `ground_truth` labels.
+
+    `init_from` (the shipped "ddpm-mnist" or a pipeline folder written by this function) warm-starts
+    model and EMA from its weights, architecture and noise schedule, and continues its data order.
 
     Writes a diffusers folder (`unet/`, `scheduler/`, `model_index.json`) with the EMA weights at
     every checkpoint; `checkpoint/state.pt` holds model, EMA and optimizer state, and a run
@@ -183,19 +187,26 @@ def train_ddpm(
     x_all = F.pad(x_all, (2, 2, 2, 2), value=-1.0)  # 28 -> 32, black border
     y_all = torch.as_tensor(data.labels)
 
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2" if beta_schedule == "cosine" else "linear",
-        prediction_type="epsilon",
-        clip_sample=True,
-    )
     torch.manual_seed(seed)  # weight init: a run is a function of its seed
-    unet = DigitUNet(
-        sample_size=32,
-        block_out_channels=tuple(block_out_channels),
-        num_class_embeds=num_classes + 1 if conditional else None,
-        upsample_mode=upsample_mode,
-    ).to(dev)
+    if init_from:
+        unet, scheduler, init_meta = _warm_start(init_from, num_classes if conditional else None)
+        beta_schedule = init_meta.get("training", {}).get("beta_schedule", beta_schedule)
+        unet = unet.to(dev)
+    else:
+        scheduler = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="squaredcos_cap_v2" if beta_schedule == "cosine" else "linear",
+            prediction_type="epsilon",
+            clip_sample=True,
+        )
+        unet = DigitUNet(
+            sample_size=32,
+            block_out_channels=tuple(block_out_channels),
+            num_class_embeds=num_classes + 1 if conditional else None,
+            upsample_mode=upsample_mode,
+        ).to(dev)
+        init_meta = {}
+    prior_steps = int(init_meta.get("total_steps", init_meta.get("steps", 0)))
     ema = [p.detach().clone() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     os.makedirs(output_dir, exist_ok=True)
@@ -220,6 +231,8 @@ def train_ddpm(
             "ema_decay": ema_decay, "precision": str(dtype).replace("torch.", ""), "seed": seed,
         },
     }
+    if init_from:
+        meta["init_from"] = {"model": init_from, "steps": prior_steps, "training": init_meta.get("training")}
 
     def save(step: int) -> None:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -228,7 +241,8 @@ def train_ddpm(
              "optimizer": opt.state_dict()},
             ckpt_path,
         )
-        _export(unet, ema, scheduler, output_dir, {**meta, "steps": step, "wall_time_s": round(elapsed)})
+        _export(unet, ema, scheduler, output_dir,
+                {**meta, "steps": step, "total_steps": prior_steps + step, "wall_time_s": round(elapsed)})
 
     unet.train()
     bar = tqdm(total=steps, initial=start_step, desc="train-ddpm", disable=not progress)
@@ -237,7 +251,7 @@ def train_ddpm(
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, learning_rate, warmup_steps)
-        x0, noise, t, y = _batch(x_all, y_all, step, seed, batch_size, null_class, p_uncond,
+        x0, noise, t, y = _batch(x_all, y_all, prior_steps + step, seed, batch_size, null_class, p_uncond,
                                  scheduler.config.num_train_timesteps, conditional)
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
         xt = q_sample(x0, t, noise, scheduler.alphas_cumprod)
@@ -264,6 +278,22 @@ def train_ddpm(
         save(start_step)
     return {"output_dir": output_dir, "steps": steps, "resumed_from": start_step,
             "final_loss": float(np.mean(losses[-100:])) if losses else None, "wall_time_s": round(elapsed)}
+
+
+def _warm_start(init_from: str, num_classes: int | None) -> tuple[DigitUNet, DDPMScheduler, dict]:
+    """A trainable copy of a DDPM pipeline's UNet, its scheduler and its training metadata."""
+    from fiftyone_diffusion.plugins.ddpm import load_ddpm
+
+    loaded = load_ddpm(init_from)
+    if not isinstance(loaded.unet, DigitUNet):
+        raise InputError(f"init_from={init_from!r} is not a DigitUNet pipeline written by train-ddpm")
+    expected = num_classes + 1 if num_classes else None
+    if loaded.unet.config.num_class_embeds != expected:
+        raise InputError(f"init_from={init_from!r} has {loaded.unet.config.num_class_embeds} class embeddings; "
+                         f"this data needs {expected}")
+    unet = DigitUNet.from_config(loaded.unet.config)
+    unet.load_state_dict(loaded.unet.state_dict())
+    return unet, DDPMScheduler.from_config(loaded.scheduler_config), dict(loaded.extra)
 
 
 def _export(unet: DigitUNet, ema: list[torch.Tensor], scheduler: DDPMScheduler, output_dir: str, meta: dict) -> None:

@@ -66,6 +66,8 @@ class TrainDdpm(foo.Operator):
         inputs.int("steps", default=3000, min=1, label="Steps")
         inputs.int("batch_size", default=128, min=1, label="Batch size")
         inputs.int("checkpoint_every", default=250, min=1, label="Checkpoint every")
+        inputs.str("init_from", label="Warm-start from",
+                   description="Optional: ddpm-mnist or a DDPM folder written by train-ddpm")
         _device_input(inputs)
         return types.Property(inputs, view=types.View(label="Train a DDPM"))
 
@@ -76,6 +78,7 @@ class TrainDdpm(foo.Operator):
             ctx, train_ddpm, "step", output_dir=p["output_dir"], data_dir=p.get("data_dir") or None, view=view,
             steps=p.get("steps", 3000), batch_size=p.get("batch_size", 128),
             checkpoint_every=p.get("checkpoint_every", 250), device=p.get("device", "auto"),
+            init_from=p.get("init_from") or None,
         )
 
 

@@ -60,6 +60,24 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, mnist_dir):
     assert f'"resumed_from": {step}' in done.stdout
 
 
+def test_warm_start_continues_from_a_trained_folder(tmp_path, mnist_dir, tiny_ddpm):
+    import json
+
+    from fiftyone_diffusion import train_ddpm
+
+    out = str(tmp_path / "warm")
+    train_ddpm(out, data_dir=mnist_dir, steps=1, learning_rate=0.0, init_from=tiny_ddpm,
+               **{**TINY, "block_out_channels": (64, 64, 64)})  # architecture comes from init_from
+    start, warm = _ema(tiny_ddpm), _ema(out)
+    assert start.keys() == warm.keys() and all(torch.equal(start[k], warm[k]) for k in start)
+    with open(os.path.join(out, "fiftyone_diffusion.json")) as f:
+        meta = json.load(f)
+    assert meta["init_from"]["steps"] == 2 and meta["steps"] == 1 and meta["total_steps"] == 3
+    with pytest.raises(InputError, match="class embeddings"):
+        train_ddpm(str(tmp_path / "bad"), data_dir=mnist_dir, steps=1, conditional=False, init_from=tiny_ddpm,
+                   **TINY)
+
+
 def test_output_is_a_plain_diffusers_folder(tiny_ddpm):
     from diffusers import DDPMScheduler, UNet2DModel
 
