@@ -9,6 +9,7 @@ generates with a real model instead of the tiny untrained one (for the README's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -34,19 +35,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_server(folder: str):
+def app_server(folder: str, unset: tuple[str, ...] = ()):
     """The App's server (what `fiftyone app launch --remote` starts) on 127.0.0.1, in its own process group.
 
     No Python session is attached: a session that (re)connects pushes its own state to the open
-    page and would reset it in the middle of the test.
+    page and would reset it in the middle of the test. `unset`: environment variables the server
+    must not inherit from the test process.
     """
     port = _free_port()
     log_path = os.path.join(folder, "app-server.log")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fiftyone.server.main", "--port", str(port), "--address", "127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-            env={**os.environ, "FIFTYONE_DO_NOT_TRACK": "true"})
+            env={**env, "FIFTYONE_DO_NOT_TRACK": "true"})
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.time() + 180
@@ -231,6 +234,113 @@ def test_generate_in_the_app_then_both_panels(tiny_ddpm, dataset_name, mnist_dir
             assert grid.count() == counts[label]
         except Exception:
             shots("failure")
+            raise
+        finally:
+            browser.close()
+    copy_to = os.environ.get("E2E_SCREENSHOTS_DIR")
+    if copy_to:
+        shutil.copytree(folder, copy_to, dirs_exist_ok=True)
+
+
+TEXT_QUERY = "a handwritten seven"
+
+
+def _first_page_of(responses: list, stage_cls: str):
+    """The latest first-page samples query whose view has a `stage_cls` stage: (view, sample ids, samples)."""
+    for resp in reversed(responses):
+        variables = resp.request.post_data_json["variables"]
+        view = variables.get("view") or []
+        if variables.get("after") is None and any(stage["_cls"] == stage_cls for stage in view):
+            nodes = [e["node"] for e in resp.json()["data"]["samples"]["edges"]]
+            samples = [json.loads(n["sample"]) if isinstance(n["sample"], str) else n["sample"] for n in nodes]
+            return view, [n["id"] for n in nodes], samples
+    return None
+
+
+def _wait_for(page, fn, seconds: float):
+    deadline = time.time() + seconds
+    while (result := fn()) is None and time.time() < deadline:
+        page.wait_for_timeout(500)
+    return result
+
+
+def test_text_search_in_the_app_finds_sevens(dataset_name, mnist_dir, tmp_path):
+    """Issue 4: 'a handwritten seven' typed into the grid's sort-by-text-similarity action over 1,000 MNIST
+    test digits; the App's own samples query returns >= 9 sevens in its top 10.
+
+    The App server does not inherit the test process's zoo manifest setting: it finds `digit-clip` the way
+    a user's server does, through the plugin. FiftyOne 1.22's App runs the search as the
+    `@voxel51/panels/similarity_search` operator and shows the result as an ordered `Select` view.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from fiftyone_diffusion import build_similarity_index, compute_clip_embeddings, load_mnist, search
+    from fiftyone_diffusion.plugins.clip_zoo import ENV_VAR
+
+    if not os.path.isfile(CHROMIUM):
+        pytest.fail(f"chromium is missing at {CHROMIUM}: install it (apt-get install -y chromium; scripts/setup.sh)")
+    ds = load_mnist(dataset_name, "test", max_samples=1000, data_dir=mnist_dir, media_dir=str(tmp_path / "mnist"))
+    assert compute_clip_embeddings(ds, "digit-clip", num_workers=0, progress=False)["embedded"] == 1000
+    index = build_similarity_index(ds, model="digit-clip", brain_key="digits", num_workers=0, progress=False)
+    assert index["indexed"] == 1000 and index["model"] == "digit-clip"
+    sdk_ids = search(ds, TEXT_QUERY, k=25, brain_key="digits").values("id")
+    folder = str(tmp_path / "screenshots")
+    print(f"\nscreenshots: {folder}")
+    with app_server(str(tmp_path), unset=(ENV_VAR,)) as app_url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1250})
+        shots = Shots(page, folder)
+        samples_queries: list = []
+        page.on("response", lambda r: samples_queries.append(r) if r.url.endswith("/graphql") and
+                "paginateSamplesQuery" in (r.request.post_data or "") else None)
+        try:
+            page.goto(f"{app_url}/datasets/{dataset_name}", wait_until="domcontentloaded")
+            page.locator("[data-cy=fo-grid] [data-cy=looker]").first.wait_for(timeout=120_000)
+            _dismiss_popovers(page)
+            _close_modal(page)
+
+            page.locator("[data-cy=action-sort-by-similarity]").first.click()  # "Sort by text similarity"
+            box = page.get_by_placeholder("Type anything!")
+            box.wait_for(timeout=30_000)
+            box.fill(TEXT_QUERY)
+            shots("text-search-popover")
+            with page.expect_response(lambda r: "/operators/execute" in r.url and
+                                      "similarity_search" in (r.request.post_data or ""), timeout=240_000) as op:
+                box.press("Enter")
+            request = op.value.request.post_data_json
+            assert request["params"]["query"] == TEXT_QUERY and request["params"]["brain_key"] == "digits"
+            assert request["params"]["query_type"] == "text"
+            body = op.value.json()
+            assert op.value.ok and not body.get("error"), body
+
+            # the Similarity Search panel opens; it shows a run that finishes while it is open in the grid by
+            # itself, an already finished one on its "Show results" button
+            sorted_page = _wait_for(page, lambda: _first_page_of(samples_queries, "fiftyone.core.stages.Select"), 15)
+            if sorted_page is None:
+                shots("similarity-search-panel")
+                show = page.locator("button[aria-label='Show results']").first
+                show.wait_for(timeout=30_000)
+                page.wait_for_function("b => !b.disabled", arg=show.element_handle(), timeout=30_000)
+                show.click(force=True)  # force: the run's sortable list row is aria-disabled, which Playwright inherits
+                sorted_page = _wait_for(page, lambda: _first_page_of(samples_queries, "fiftyone.core.stages.Select"),
+                                        60)
+            assert sorted_page is not None, "the App never queried the samples of the search's result view"
+            view, ids, samples = sorted_page
+            select = dict(next(stage for stage in view if stage["_cls"] == "fiftyone.core.stages.Select")["kwargs"])
+            # the App's result is the SDK's text search (near-ties may swap between processes)
+            assert select["ordered"] is True and len(select["sample_ids"]) == 25
+            assert ids[:10] == select["sample_ids"][:10]  # the grid shows them in the search's order
+            assert len(set(select["sample_ids"]) & set(sdk_ids)) >= 23 and len(set(ids[:10]) & set(sdk_ids[:10])) >= 9
+            labels = [s["ground_truth"]["label"] for s in samples[:10]]
+            assert len(labels) == 10 and labels.count("7") >= 9, labels
+            page.locator("[data-cy=fo-grid] [data-cy=looker]").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)
+            _dismiss_popovers(page)
+            shots("text-search-sevens")
+        except Exception:
+            shots("failure")
+            with open(os.path.join(str(tmp_path), "app-server.log")) as log:
+                print(log.read()[-5000:])
             raise
         finally:
             browser.close()
