@@ -28,6 +28,7 @@ _SDK = {
     "build_similarity_index": "fiftyone_diffusion.brain.clip",
     "search": "fiftyone_diffusion.brain.clip",
     "zero_shot_classify": "fiftyone_diffusion.brain.clip",
+    "run_worker": "fiftyone_diffusion.worker",
 }
 
 __all__ = sorted(_SDK)

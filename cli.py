@@ -226,6 +226,18 @@ def _add_demo(sub) -> None:
     p.add_argument("--address", default="127.0.0.1")
 
 
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="run queued (delegated) operations; one worker per GPU")
+    p.add_argument("--device", default="auto", help="what device=auto means for the operations (cpu, cuda, cuda:1)")
+    p.add_argument("--max-operations", type=int, help="exit after running this many operations")
+    p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit once the queue stayed empty this long")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS")
+    p.add_argument("--monitor", action="store_true",
+                   help="run each operation in a child process, killed when the operation is marked failed")
+    p.add_argument("--monitor-interval", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--operator", help="only this operator (a URI, or a name of this plugin's operators)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiftyone-diffusion",
@@ -234,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_load_mnist, _add_train_classifier, _add_train_ddpm, _add_generate_ddpm, _add_generate_sdxl,
                 _add_compute_forward_trajectory, _add_train_clip, _add_compute_clip_embeddings,
-                _add_build_similarity_index, _add_search, _add_zero_shot_classify, _add_plugin, _add_demo):
+                _add_build_similarity_index, _add_search, _add_zero_shot_classify, _add_plugin, _add_demo,
+                _add_worker):
         add(sub)
     return parser
 
@@ -245,6 +258,15 @@ def run(args: argparse.Namespace) -> object:
         from fiftyone_diffusion.plugin_install import plugin_command
 
         return plugin_command(args.action, args.plugins_dir)
+    if cmd == "worker":
+        import functools
+
+        from fiftyone_diffusion.worker import run_worker
+
+        return run_worker(device=args.device, max_operations=args.max_operations, idle_exit=args.idle_exit,
+                          poll_interval=args.poll_interval, monitor=args.monitor,
+                          monitor_interval=args.monitor_interval, operator=args.operator,
+                          echo=functools.partial(print, flush=True))
     if cmd == "demo":
         from fiftyone_diffusion.demo import run_demo
 
@@ -326,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("\n".join(["interrupted", *getattr(e, "__notes__", [])]), file=sys.stderr)
         return 130
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))

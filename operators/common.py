@@ -30,14 +30,24 @@ def run_with_progress(ctx, fn: Callable[..., dict], progress_label: str, **kwarg
     """Run an SDK function that accepts `on_progress(done, total, ...)`, reporting its progress.
 
     Delegated runs store progress on the run (`ctx.set_progress`) and return the SDK's result,
-    which FiftyOne records on the operation. Immediate App runs get a generator that yields
-    `set_progress` events while the work runs in a thread.
+    which FiftyOne records on the operation; each report is also a checkpoint where a run that was
+    marked failed (or whose worker cancels it) stops, its error saying what it completed. Immediate
+    App runs get a generator that yields `set_progress` events while the work runs in a thread.
     """
     if getattr(ctx, "delegated", False):
+        from fiftyone_diffusion.worker import progress_checks
+
+        checks = progress_checks(ctx)
+
         def report(done, total, *rest):
             ctx.set_progress(progress=done / max(total, 1), label=f"{progress_label} {done}/{total}")
+            checks.check()
 
-        return fn(on_progress=report, progress=False, **kwargs)
+        try:
+            return fn(on_progress=report, progress=False, **kwargs)
+        except BaseException as e:
+            checks.record(e)
+            raise
     return _immediate(ctx, fn, progress_label, kwargs)
 
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from fiftyone_diffusion.errors import InputError
 
+DEVICE_ENV = "FIFTYONE_DIFFUSION_DEVICE"  # what `auto` means in this process (set by `fiftyone-diffusion worker`)
+
 
 def resolve_device(device: str | None = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    """`auto` picks $FIFTYONE_DIFFUSION_DEVICE if set, else cuda, then mps, then cpu; a named device must exist."""
+    if device in (None, "", "auto") and os.environ.get(DEVICE_ENV, "auto").strip() not in ("", "auto"):
+        device = os.environ[DEVICE_ENV].strip()
     if device in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
