@@ -3,6 +3,8 @@ zero-shot labels."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,12 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fiftyone_diffusion.brain.image_loading import ImageLoadError, load_rgb
+from fiftyone_diffusion.brain.streaming import CHUNK_SIZE, iter_id_chunks
 from fiftyone_diffusion.errors import InputError
 from fiftyone_diffusion.plugins.clip import ClipEmbedder, load_clip_model, model_spec
 
 ProgressFn = Callable[[int, int], None]
 ERROR_TAG = "clip_load_error"
 DEFAULT_BRAIN_KEY = "clip_sim"
+logger = logging.getLogger(__name__)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -78,24 +82,31 @@ def _record_failures(dataset, failures: list[tuple[str, str]], error_field: str)
 
 def _run(view, model: ClipEmbedder, batch_size: int, num_workers: int | None, desc: str, progress: bool,
          on_progress: ProgressFn | None, write: Callable[[list[str], torch.Tensor], None], error_field: str) -> dict:
-    """Embed every image of `view` batch by batch, calling `write(ids, embeddings)` after each batch."""
-    ids, paths = view.values(["id", "filepath"])
+    """Embed every image of `view` batch by batch, calling `write(ids, embeddings)` after each batch.
+
+    The view is read in id-chunks (`iter_id_chunks`), so memory is flat in the number of samples;
+    broken files are recorded after each chunk.
+    """
+    total = len(view)
     failures: list[tuple[str, str]] = []
     decodes: Counter = Counter()
-    bar = tqdm(total=len(ids), desc=desc, disable=not progress)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     done = 0
-    for rows, x, failed, decode in _batches(model, paths, batch_size, num_workers):
-        if x is not None:
-            write([ids[r] for r in rows], model.embed_images(x))
-        failures += [(ids[r], reason) for r, reason in failed]
-        decodes.update(decode)
-        done += len(rows) + len(failed)
-        bar.update(len(rows) + len(failed))
-        if on_progress:
-            on_progress(done, len(ids))
+    for ids, paths in iter_id_chunks(view, ["filepath"], max(CHUNK_SIZE, 4 * batch_size)):
+        chunk_failures: list[tuple[str, str]] = []
+        for rows, x, failed, decode in _batches(model, paths, batch_size, num_workers):
+            if x is not None:
+                write([ids[r] for r in rows], model.embed_images(x))
+            chunk_failures += [(ids[r], reason) for r, reason in failed]
+            decodes.update(decode)
+            done += len(rows) + len(failed)
+            bar.update(len(rows) + len(failed))
+            if on_progress:
+                on_progress(done, total)
+        _record_failures(view._dataset, chunk_failures, error_field)
+        failures += chunk_failures
     bar.close()
-    _record_failures(view._dataset, failures, error_field)
-    return {"processed": len(ids) - len(failures), "failed": len(failures), "failed_ids": [i for i, _ in failures],
+    return {"processed": done - len(failures), "failed": len(failures), "failed_ids": [i for i, _ in failures],
             "errors": dict(failures), "error_field": error_field, "model": model.name,
             "precision": str(model.dtype).replace("torch.", ""), "decode": dict(decodes)}
 
@@ -207,7 +218,7 @@ def build_similarity_index(
     emb = compute_clip_embeddings(view, model, embeddings_field, batch_size, num_workers, True, pretrained, device,
                                   progress=progress, on_progress=on_progress)
     if brain_key in dataset.list_brain_runs():
-        dataset.delete_brain_run(brain_key)
+        _delete_index(dataset, brain_key, backend, backend_kwargs)
     indexed = view.exists(embeddings_field)
     if len(indexed) == 0:
         raise InputError("no sample could be embedded: nothing to index")
@@ -215,6 +226,19 @@ def build_similarity_index(
                            brain_key=brain_key, backend=backend, **backend_kwargs)
     return {"brain_key": brain_key, "backend": backend, "model": zoo_name, "model_kwargs": zoo_kwargs,
             "indexed": len(indexed), "failed": emb["failed"], "failed_ids": emb["failed_ids"]}
+
+
+def _delete_index(dataset, brain_key: str, backend: str, backend_kwargs: dict) -> None:
+    """Delete a similarity run and its index: `delete_brain_run` alone leaves a vector database's collection."""
+    config = dataset.get_brain_info(brain_key).config
+    if config.method != "sklearn":  # sklearn keeps nothing outside the dataset (and loading it loads every vector)
+        accepted = inspect.signature(config.load_credentials).parameters if config.method == backend else {}
+        creds = {k: v for k, v in backend_kwargs.items() if k in accepted}
+        try:
+            dataset.load_brain_results(brain_key, cache=False, **creds).cleanup()
+        except Exception as e:  # an unreachable server or a missing package must not block replacing the run
+            logger.warning("could not remove the %s index of brain run %r: %s", config.method, brain_key, e)
+    dataset.delete_brain_run(brain_key)
 
 
 def search(view, text: str, k: int = 25, brain_key: str | None = None, dist_field: str | None = None):

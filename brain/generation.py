@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fiftyone_diffusion.brain.media import atomic_save_image, check_writable_dir
-from fiftyone_diffusion.errors import InputError
+from fiftyone_diffusion.errors import InputError, add_note
 from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
 from fiftyone_diffusion.plugins.ddpm import MAX_STEPS, SAMPLERS, DDPMModel, StepRecord, load_ddpm, sample
 from fiftyone_diffusion.plugins.devices import fast_dtype, resolve_device
@@ -177,13 +178,18 @@ def generate_ddpm_samples(
               "guidance_scale": float(guidance_scale) if label_index is not None else None,
               "precision": precision_name, "device": dev.type, "run_key": run_key}
     done = resume_run(ds, folder, run_key, recipe, seed)
-    todo = [i for i in range(num_samples) if i not in done]
+    pending = (i for i in range(num_samples) if i not in done)  # lazy: memory is flat in num_samples
+    queue: list[int] = []  # at most one batch of indices, kept for the retry after an OOM
     created = 0
     written: list[str] = []
-    bar = tqdm(total=num_samples, initial=num_samples - len(todo), desc="generate-ddpm", disable=not progress)
+    already = sum(1 for i in done if i < num_samples)
+    bar = tqdm(total=num_samples, initial=already, desc="generate-ddpm", disable=not progress)
     try:
-        while todo:
-            indices = todo[:batch_size]
+        while True:
+            queue += itertools.islice(pending, max(0, batch_size - len(queue)))
+            if not queue:
+                break
+            indices = queue[:batch_size]
             seeds = [seed + i for i in indices]
             recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
             try:
@@ -219,14 +225,16 @@ def generate_ddpm_samples(
             ds.add_samples(batch, progress=False)
             created += len(batch)
             written.clear()
-            todo = todo[len(indices):]
+            del queue[: len(indices)]
             bar.update(len(batch))
             if on_progress:
-                on_progress(num_samples - len(todo), num_samples)
-    except BaseException:
+                on_progress(already + created, num_samples)
+    except BaseException as e:
         for path in written:  # files of the batch that did not make it into the dataset
             if os.path.exists(path):
                 os.remove(path)
+        add_note(e, f"{already + created} of {num_samples} samples of run_key {run_key!r} are in dataset "
+                    f"{ds.name!r}; the interrupted batch left no files. Resume with run_key={run_key!r}")
         raise
     finally:
         bar.close()

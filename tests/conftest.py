@@ -113,3 +113,24 @@ def tiny_ddpm(tmp_path_factory, mnist_dir) -> str:
     train_ddpm(out, data_dir=mnist_dir, steps=2, block_out_channels=(32, 32, 32), batch_size=4,
                checkpoint_every=2, progress=False)
     return out
+
+
+MICRO_CLIP_CFG = {"embed_dim": 8, "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 1, "width": 16,
+                                                 "head_width": 8},
+                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def micro_open_clip(tmp_path_factory) -> str:
+    """A random open_clip folder with 8-d embeddings and 16x16 inputs (milliseconds per batch)."""
+    import open_clip
+    import torch
+
+    from fiftyone_diffusion.brain.clip_training import save_clip
+
+    folder = str(tmp_path_factory.mktemp("micro-open-clip"))
+    torch.manual_seed(0)
+    save_clip(open_clip.CLIP(**MICRO_CLIP_CFG), MICRO_CLIP_CFG, folder,
+              {"source": "random", "train_samples": 0, "steps": 0, "batch_size": 0, "precision": "float32",
+               "train_minutes": 0, "train_cpu_minutes": 0, "temperature": 0.07})
+    return folder
