@@ -80,6 +80,22 @@ def _record_failures(dataset, failures: list[tuple[str, str]], error_field: str)
         dataset.select([i for i, _ in failures]).tag_samples(ERROR_TAG)
 
 
+def _clear_fixed(dataset, ok_ids: list[str], error_field: str) -> None:
+    """Samples that failed before and worked now lose that error, and the tag once no error is left."""
+    if not ok_ids or not dataset.has_field(error_field):
+        return
+    fixed = dataset.select(ok_ids).exists(error_field)
+    fixed_ids = fixed.values("id")
+    if not fixed_ids:
+        return
+    dataset.set_values(error_field, dict.fromkeys(fixed_ids), key_field="id")
+    other = [f for f in dataset.get_field_schema() if f.endswith("_error") and f != error_field]
+    clean = dataset.select(fixed_ids)
+    for field in other:
+        clean = clean.exists(field, False)
+    clean.untag_samples(ERROR_TAG)
+
+
 def _run(view, model: ClipEmbedder, batch_size: int, num_workers: int | None, desc: str, progress: bool,
          on_progress: ProgressFn | None, write: Callable[[list[str], torch.Tensor], None], error_field: str) -> dict:
     """Embed every image of `view` batch by batch, calling `write(ids, embeddings)` after each batch.
@@ -94,9 +110,11 @@ def _run(view, model: ClipEmbedder, batch_size: int, num_workers: int | None, de
     done = 0
     for ids, paths in iter_id_chunks(view, ["filepath"], max(CHUNK_SIZE, 4 * batch_size)):
         chunk_failures: list[tuple[str, str]] = []
+        chunk_ok: list[str] = []
         for rows, x, failed, decode in _batches(model, paths, batch_size, num_workers):
             if x is not None:
                 write([ids[r] for r in rows], model.embed_images(x))
+                chunk_ok += [ids[r] for r in rows]
             chunk_failures += [(ids[r], reason) for r, reason in failed]
             decodes.update(decode)
             done += len(rows) + len(failed)
@@ -104,6 +122,7 @@ def _run(view, model: ClipEmbedder, batch_size: int, num_workers: int | None, de
             if on_progress:
                 on_progress(done, total)
         _record_failures(view._dataset, chunk_failures, error_field)
+        _clear_fixed(view._dataset, chunk_ok, error_field)
         failures += chunk_failures
     bar.close()
     return {"processed": done - len(failures), "failed": len(failures), "failed_ids": [i for i, _ in failures],

@@ -167,6 +167,14 @@ def test_embeddings_resume_and_record_broken_files(digits, tiny_open_clip):
     resumed = compute_clip_embeddings(digits, model=tiny_open_clip, num_workers=1, progress=False)
     assert resumed["embedded"] == 2 and resumed["skipped_existing"] == 23
     assert np.array_equal(digits.match_tags("test").skip(2).first()["clip_embeddings"], kept)
+    # a broken file that gets fixed is embedded on the next run and loses its error and tag
+    fixed = broken.match({"filepath": {"$regex": "empty"}}).first()
+    Image.new("L", (28, 28), 255).save(fixed.filepath, format="JPEG")
+    rerun = compute_clip_embeddings(digits, model=tiny_open_clip, num_workers=0, progress=False)
+    assert rerun["embedded"] == 1 and rerun["failed"] == 4
+    fixed.reload()
+    assert fixed["clip_embeddings"] is not None and fixed["clip_embeddings_error"] is None
+    assert ERROR_TAG not in fixed.tags and len(digits.match_tags(ERROR_TAG)) == 4
     # the stored embedding is the model's embedding of the image
     from fiftyone_diffusion.plugins.clip import load_clip_model
 
