@@ -121,16 +121,25 @@ MICRO_CLIP_CFG = {"embed_dim": 8, "vision_cfg": {"image_size": 16, "patch_size":
 
 
 @pytest.fixture(scope="session")
-def micro_open_clip(tmp_path_factory) -> str:
-    """A random open_clip folder with 8-d embeddings and 16x16 inputs (milliseconds per batch)."""
+def random_open_clip(tmp_path_factory):
+    """Builds a random open_clip folder (seed 0) from an open_clip config: `random_open_clip(name, cfg)`."""
     import open_clip
     import torch
 
     from fiftyone_diffusion.brain.clip_training import save_clip
 
-    folder = str(tmp_path_factory.mktemp("micro-open-clip"))
-    torch.manual_seed(0)
-    save_clip(open_clip.CLIP(**MICRO_CLIP_CFG), MICRO_CLIP_CFG, folder,
-              {"source": "random", "train_samples": 0, "steps": 0, "batch_size": 0, "precision": "float32",
-               "train_minutes": 0, "train_cpu_minutes": 0, "temperature": 0.07})
-    return folder
+    def build(name: str, cfg: dict) -> str:
+        folder = str(tmp_path_factory.mktemp(name))
+        torch.manual_seed(0)
+        save_clip(open_clip.CLIP(**cfg), cfg, folder,
+                  {"source": "random", "train_samples": 0, "steps": 0, "batch_size": 0, "precision": "float32",
+                   "train_minutes": 0, "train_cpu_minutes": 0, "temperature": 0.07})
+        return folder
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def micro_open_clip(random_open_clip) -> str:
+    """A random open_clip folder with 8-d embeddings and 16x16 inputs (milliseconds per batch)."""
+    return random_open_clip("micro-open-clip", MICRO_CLIP_CFG)

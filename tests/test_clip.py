@@ -25,17 +25,8 @@ TINY_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "
 
 
 @pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory) -> str:
-    import open_clip
-
-    from fiftyone_diffusion.brain.clip_training import save_clip
-
-    folder = str(tmp_path_factory.mktemp("tiny-open-clip"))
-    torch.manual_seed(0)
-    save_clip(open_clip.CLIP(**TINY_CFG), TINY_CFG, folder,
-              {"source": "random", "train_samples": 0, "steps": 0, "batch_size": 0, "precision": "float32",
-               "train_minutes": 0, "train_cpu_minutes": 0, "temperature": 0.07})
-    return folder
+def tiny_open_clip(random_open_clip) -> str:
+    return random_open_clip("tiny-open-clip", TINY_CFG)
 
 
 @pytest.fixture(scope="module")
