@@ -260,3 +260,20 @@ def test_worker_without_the_plugin_says_how_to_install_it(tmp_path):
         "error: the @fiftyone-diffusion/diffusion plugin is not in FiftyOne's plugins dir "
         f"{tmp_path / 'empty-plugins'}; run `fiftyone-diffusion plugin install`"
     ]
+
+
+def test_scaling_docs_use_only_worker_options_that_exist():
+    """docs/scaling.md and the README describe the worker with flags the CLI really has."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cli = os.path.join(os.path.dirname(sys.executable), "fiftyone-diffusion")
+    help_text = subprocess.run([cli, "worker", "--help"], capture_output=True, text=True, check=True).stdout
+    used = set()
+    for doc in ("docs/scaling.md", "README.md"):
+        with open(os.path.join(root, doc)) as f:
+            text = f.read()
+        for line in re.findall(r"fiftyone-diffusion worker[^\n`#&]*", text):
+            used.update(re.findall(r"--[a-z][a-z-]+", line))
+        used.update(re.findall(r"`(--[a-z][a-z-]+)", text) if doc == "docs/scaling.md" else [])
+    assert {"--device", "--idle-exit", "--max-operations"} <= used
+    missing = sorted(flag for flag in used if flag not in help_text)
+    assert not missing, f"documented worker options the CLI lacks: {missing}"
