@@ -50,7 +50,9 @@ fi
 
 # MongoDB 6.0 links against OpenSSL 1.1, which Debian 12 no longer ships: provide it next to the venv.
 MONGOD=$(mongod_path)
-if [ -f "$MONGOD" ] && ldd "$MONGOD" 2>/dev/null | grep -q "libssl.so.1.1 => not found\|libcrypto.so.1.1 => not found"; then
+# (ldd's output is read whole first: `ldd | grep -q` under pipefail fails when grep exits early.)
+LINKS=$( { [ -f "$MONGOD" ] && ldd "$MONGOD" 2>/dev/null; } || true)
+if grep -q "libssl.so.1.1 => not found\|libcrypto.so.1.1 => not found" <<<"$LINKS"; then
   LIBDIR="$VENV/opt/libssl1.1"
   if [ ! -f "$LIBDIR/libssl.so.1.1" ]; then
     tmp=$(mktemp -d)
