@@ -62,7 +62,11 @@ DIGIT_DEFAULTS = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     layers_per_block=2,
-    norm_num_groups=32,
+    # 8 groups, not diffusers' 32: with 32 channels, 32 groups is a per-channel norm that removes each
+    # channel's spatial mean, so the output (after conv_norm_out) cannot follow the input's global
+    # brightness; the shipped 32-group model's predicted noise barely moves with a DC offset of its input,
+    # and its samples keep the starting noise's mean as grey or white backgrounds.
+    norm_num_groups=8,
     attention_head_dim=32,
     num_class_embeds=11,
 )
