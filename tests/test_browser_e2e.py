@@ -91,6 +91,13 @@ class Shots:
         return path
 
 
+def _keep_screenshots(folder: str) -> None:
+    """E2E_SCREENSHOTS_DIR=folder keeps a copy of the test's screenshots (e.g. for the README)."""
+    copy_to = os.environ.get("E2E_SCREENSHOTS_DIR")
+    if copy_to:
+        shutil.copytree(folder, copy_to, dirs_exist_ok=True)
+
+
 def _dismiss_popovers(page) -> None:
     for text in ("Dismiss", "Got it"):
         button = page.get_by_role("button", name=text)
@@ -237,9 +244,7 @@ def test_generate_in_the_app_then_both_panels(tiny_ddpm, dataset_name, mnist_dir
             raise
         finally:
             browser.close()
-    copy_to = os.environ.get("E2E_SCREENSHOTS_DIR")
-    if copy_to:
-        shutil.copytree(folder, copy_to, dirs_exist_ok=True)
+    _keep_screenshots(folder)
 
 
 TEXT_QUERY = "a handwritten seven"
@@ -344,6 +349,4 @@ def test_text_search_in_the_app_finds_sevens(dataset_name, mnist_dir, tmp_path):
             raise
         finally:
             browser.close()
-    copy_to = os.environ.get("E2E_SCREENSHOTS_DIR")
-    if copy_to:
-        shutil.copytree(folder, copy_to, dirs_exist_ok=True)
+    _keep_screenshots(folder)

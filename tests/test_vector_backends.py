@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -29,25 +27,17 @@ print(json.dumps(search(fo.load_dataset(sys.argv[1]), sys.argv[3], k=5, brain_ke
 
 
 @pytest.fixture
-def milvus_uri(tmp_path):
+def milvus_uri(tmp_path, server_ports):
     """A Milvus Lite server on a free local port, stopped afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    free_port, wait_for_port = server_ports
+    port = free_port()
     cli = os.path.join(os.path.dirname(sys.executable), "milvus-lite")
     log = open(tmp_path / "milvus.log", "w")
     proc = subprocess.Popen([cli, "server", "--data-dir", str(tmp_path / "milvus"), "--host", "127.0.0.1",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"Milvus Lite server did not start: {(tmp_path / 'milvus.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+    if not wait_for_port(port, proc):
+        proc.kill()
+        pytest.fail(f"Milvus Lite server did not start: {(tmp_path / 'milvus.log').read_text()[-2000:]}")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     try:
