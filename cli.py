@@ -41,7 +41,9 @@ def _add_train_ddpm(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--beta-schedule", default="cosine", choices=["linear", "cosine"])
+    p.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"],
+                   help="what the U-Net predicts (default: v, stable at high noise)")
     p.add_argument("--unconditional", action="store_true", help="no class conditioning")
     p.add_argument("--upsample-mode", default="bilinear", choices=["bilinear", "nearest", "transposed"])
     p.add_argument("--seed", type=int, default=0)
@@ -295,6 +297,7 @@ def run(args: argparse.Namespace) -> object:
         return train_ddpm(args.output_dir, data_dir=args.data_dir, view=view, steps=args.steps,
                           batch_size=args.batch_size, learning_rate=args.learning_rate,
                           checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
+                          prediction_type=args.prediction_type,
                           conditional=not args.unconditional, upsample_mode=args.upsample_mode, seed=args.seed,
                           device=args.device, precision=args.precision, resume=not args.no_resume,
                           warmup_steps=args.warmup_steps, init_from=args.init_from)

@@ -19,8 +19,12 @@ from fiftyone_diffusion.brain.images import LabeledImages, from_mnist, from_view
 from fiftyone_diffusion.errors import InputError
 from fiftyone_diffusion.plugins.classifier import SHIPPED_CLASSIFIER, DigitClassifier, classify, to_classifier_input
 from fiftyone_diffusion.plugins.devices import autocast, fast_dtype, resolve_device
-from fiftyone_diffusion.plugins.noise import q_sample
+from fiftyone_diffusion.plugins.noise import q_sample, velocity
 from fiftyone_diffusion.plugins.unet import UPSAMPLE_MODES, DigitUNet
+
+# v-prediction is the default: an epsilon model must match the noise's mean almost exactly at high noise,
+# where x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any error (grey backgrounds); v does not.
+PREDICTION_TYPES = ("v_prediction", "epsilon")
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -146,11 +150,12 @@ def train_ddpm(
     learning_rate: float = 5e-4,
     warmup_steps: int = 200,
     checkpoint_every: int = 250,
-    beta_schedule: str = "linear",
+    beta_schedule: str = "cosine",
     conditional: bool = True,
     p_uncond: float = 0.15,
     ema_decay: float = 0.999,
     upsample_mode: str = "bilinear",
+    prediction_type: str = "v_prediction",
     block_out_channels: tuple[int, ...] = (32, 64, 64),
     seed: int = 0,
     device: str = "auto",
@@ -173,6 +178,8 @@ def train_ddpm(
         raise InputError("steps, batch_size and checkpoint_every must be positive")
     if beta_schedule not in ("linear", "cosine"):
         raise InputError(f"beta_schedule must be 'linear' or 'cosine', got {beta_schedule!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if upsample_mode not in UPSAMPLE_MODES:
         raise InputError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
     if precision not in ("auto", "fp32", "bf16"):
@@ -196,7 +203,7 @@ def train_ddpm(
         scheduler = DDPMScheduler(
             num_train_timesteps=1000,
             beta_schedule="squaredcos_cap_v2" if beta_schedule == "cosine" else "linear",
-            prediction_type="epsilon",
+            prediction_type=prediction_type,
             clip_sample=True,
         )
         unet = DigitUNet(
@@ -227,7 +234,8 @@ def train_ddpm(
         "image_size": 28,
         "training": {
             "source": data.source, "num_images": len(data.images), "batch_size": batch_size,
-            "learning_rate": learning_rate, "beta_schedule": beta_schedule, "p_uncond": p_uncond,
+            "learning_rate": learning_rate, "beta_schedule": beta_schedule,
+            "prediction_type": scheduler.config.prediction_type, "p_uncond": p_uncond,
             "ema_decay": ema_decay, "precision": str(dtype).replace("torch.", ""), "seed": seed,
         },
     }
@@ -257,7 +265,9 @@ def train_ddpm(
         xt = q_sample(x0, t, noise, scheduler.alphas_cumprod)
         with autocast(dev, dtype):
             pred = unet(xt, t, class_labels=None if y is None else y.to(dev)).sample
-        loss = F.mse_loss(pred.float(), noise)
+        target = noise if scheduler.config.prediction_type == "epsilon" else velocity(
+            x0, noise, t, scheduler.alphas_cumprod)
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

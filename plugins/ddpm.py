@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from fiftyone_diffusion.errors import InputError
 from fiftyone_diffusion.plugins.classifier import WEIGHTS_DIR
-from fiftyone_diffusion.plugins.noise import predict_start_from_noise
+from fiftyone_diffusion.plugins.noise import noise_from_output, predict_start_from_noise
 from fiftyone_diffusion.plugins.unet import DigitUNet
 
 SHIPPED_DDPM = "ddpm-mnist"
@@ -173,6 +173,7 @@ def sample(
         guided = guidance_scale != 1.0 and any(v != model.null_class for v in lab)
         null = torch.full_like(class_labels, model.null_class)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    prediction_type = scheduler.config.prediction_type
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
             model_in = scheduler.scale_model_input(x, t)
@@ -181,15 +182,16 @@ def sample(
                     both = model.unet(
                         torch.cat([model_in, model_in]), t, class_labels=torch.cat([class_labels, null])
                     ).sample.float()
-                    eps_c, eps_u = both.chunk(2)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
+                    out_c, out_u = both.chunk(2)
+                    output = out_u + guidance_scale * (out_c - out_u)
                 else:
-                    eps = model.unet(model_in, t, class_labels=class_labels).sample.float()
+                    output = model.unet(model_in, t, class_labels=class_labels).sample.float()
             if on_step is not None:
                 tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
+                eps = noise_from_output(x, tt, output, alphas_cumprod, prediction_type)
                 on_step(StepRecord(i, int(t), x, predict_start_from_noise(x, tt, eps, alphas_cumprod), eps))
             kwargs = {"generator": generators} if sampler == "ddpm" else {}
-            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+            x = scheduler.step(output, t, x, **kwargs).prev_sample
     images = (x.float().clamp(-1, 1) + 1) / 2
     if model.image_size and model.image_size < size:
         off = (size - model.image_size) // 2

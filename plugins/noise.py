@@ -24,6 +24,24 @@ def predict_start_from_noise(
     return (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
 
 
+def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (Salimans & Ho, 2022)."""
+    abar = _gather(alphas_cumprod, t, x0.ndim)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+def noise_from_output(
+    xt: torch.Tensor, t: torch.Tensor, output: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The predicted noise from a model output of `prediction_type` ("epsilon" or "v_prediction")."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        abar = _gather(alphas_cumprod, t, xt.ndim)
+        return abar.sqrt() * output + (1 - abar).sqrt() * xt
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
 def snr_db(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio abar / (1 - abar) in decibels."""
     abar = alphas_cumprod.double()

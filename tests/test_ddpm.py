@@ -97,6 +97,43 @@ def test_train_on_a_fiftyone_view(tmp_path, mnist_dir, dataset_name):
     assert model.classes == sorted(set(view.values("ground_truth.label")), key=int)
 
 
+def test_v_prediction_math_matches_diffusers_and_recovers_noise_and_image():
+    from diffusers import DDPMScheduler
+
+    from fiftyone_diffusion.plugins.noise import noise_from_output, predict_start_from_noise, q_sample, velocity
+
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 300, 900, 999])
+    v = velocity(x0, noise, t, sched.alphas_cumprod)
+    torch.testing.assert_close(v, sched.get_velocity(x0, noise, t))
+    xt = q_sample(x0, t, noise, sched.alphas_cumprod)
+    eps = noise_from_output(xt, t, v, sched.alphas_cumprod, "v_prediction")
+    torch.testing.assert_close(eps, noise, atol=1e-4, rtol=0)
+    torch.testing.assert_close(predict_start_from_noise(xt[:3], t[:3], eps[:3], sched.alphas_cumprod), x0[:3],
+                               atol=1e-3, rtol=0)
+    assert noise_from_output(xt, t, v, sched.alphas_cumprod, "epsilon") is v
+
+
+def test_prediction_type_is_trained_recorded_and_inherited_by_every_sampler(tmp_path, mnist_dir, tiny_ddpm):
+    from fiftyone_diffusion import train_ddpm
+    from fiftyone_diffusion.plugins.ddpm import SAMPLERS, load_ddpm, make_scheduler, sample
+
+    for folder, expected in ((tiny_ddpm, "v_prediction"), (str(tmp_path / "eps"), "epsilon")):
+        if expected == "epsilon":
+            train_ddpm(folder, data_dir=mnist_dir, steps=1, prediction_type="epsilon", **TINY)
+        model = load_ddpm(folder)
+        assert model.scheduler_config["prediction_type"] == expected
+        for name in SAMPLERS:
+            assert make_scheduler(name, model.scheduler_config).config.prediction_type == expected
+        images = sample(model, [0, 1], "dpmsolver++", 2, [3, None], 2.0)
+        assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+    with pytest.raises(InputError, match="prediction_type"):
+        train_ddpm(str(tmp_path / "bad"), data_dir=mnist_dir, steps=1, prediction_type="sample", **TINY)
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_samplers_are_diffusers_schedulers_without_ddim_clipping(tiny_ddpm):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
