@@ -76,7 +76,7 @@ def _add_compute_forward_trajectory(sub) -> None:
     p = sub.add_parser("compute-forward-trajectory", help="store forward-diffusion (noising) strips for a dataset")
     p.add_argument("--dataset", required=True)
     p.add_argument("--noise-levels", default="0,0.2,0.4,0.6,0.8,1", help="comma-separated fractions of T")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="diffusers AutoencoderKL folder: noise the latents instead of the pixels")
     p.add_argument("--media-dir")

@@ -145,7 +145,7 @@ def noise_trajectory_data(sample, step: int | None = None, field: str = FIELD) -
         }
         selected = step_indices[k] if k < len(step_indices) else None
         out["stats_plot"] = _stats_traces(trajectory, selected)
-        schedule = model_schedule(_get(generation, "model") if generation is not None else None)
+        schedule = sample_schedule(sample)
         marked = [timesteps[k]] if k < len(timesteps) else []
     elif trajectory is not None:
         notes.append("The recorded reverse trajectory's frames file is missing.")
@@ -165,6 +165,12 @@ def _has(view, path: str) -> bool:
         return view.get_field(path) is not None
     except Exception:
         return False
+
+
+def sample_schedule(sample) -> Schedule:
+    """The noise schedule of the model that generated `sample`; the shipped DDPM's for other samples."""
+    generation = _field(sample, "generation")
+    return model_schedule(_get(generation, "model") if generation is not None else None)
 
 
 def generation_overview_data(view, label_field: str = "prediction") -> dict:

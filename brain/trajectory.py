@@ -206,7 +206,7 @@ def _load_image(path: str, max_size: int) -> Image.Image:
 def compute_forward_trajectory(
     view,
     noise_levels: Sequence[float] = DEFAULT_LEVELS,
-    schedule: str = "linear",
+    schedule: str = "cosine",
     seed: int = 0,
     vae: str | None = None,
     media_dir: str | None = None,

@@ -19,7 +19,7 @@ class ComputeForwardTrajectory(foo.Operator):
         target_input(ctx, inputs)
         inputs.str("noise_levels", default="0, 0.2, 0.4, 0.6, 0.8, 1", label="Noise levels",
                    description="Comma-separated fractions of T in [0, 1]")
-        inputs.enum("schedule", ["linear", "cosine"], default="linear", label="Schedule")
+        inputs.enum("schedule", ["linear", "cosine"], default="cosine", label="Schedule")
         inputs.int("seed", default=0, label="Seed")
         inputs.str("vae", label="VAE folder", description="Empty: pixel space; or a diffusers AutoencoderKL folder")
         inputs.int("max_size", default=256, min=8, label="Max image size")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_diffusion.brain.panel_data import SCHEDULE_LAYOUT, STATS_LAYOUT, noise_trajectory_data
+from fiftyone_diffusion.brain.panel_data import SCHEDULE_LAYOUT, STATS_LAYOUT, noise_trajectory_data, sample_schedule
 from fiftyone_diffusion.brain.trajectory import DEFAULT_LEVELS, compute_forward_trajectory, parse_levels
 from fiftyone_diffusion.errors import InputError
 
@@ -59,7 +59,8 @@ class NoiseTrajectoryPanel(foo.Panel):
             return
         try:
             levels = parse_levels(ctx.panel.state.levels or DEFAULT_LEVELS_TEXT)
-            compute_forward_trajectory(ctx.dataset.select(sample_id), noise_levels=levels, progress=False)
+            compute_forward_trajectory(ctx.dataset.select(sample_id), noise_levels=levels,
+                                       schedule=sample_schedule(ctx.dataset[sample_id]).name, progress=False)
         except InputError as e:
             ctx.panel.state.message = f"Could not compute the forward trajectory: {e}"
             ctx.ops.notify(str(e), variant="error")

@@ -58,6 +58,7 @@ def test_noise_trajectory_on_an_empty_dataset(dataset_name):
 
 def test_noise_trajectory_grayscale_sample_without_trajectory_then_computed(tmp_path, mnist_dir, dataset_name):
     from fiftyone_diffusion import load_mnist
+    from fiftyone_diffusion.brain.trajectory import model_schedule
 
     ds = load_mnist(dataset_name, "test", max_samples=3, data_dir=mnist_dir, media_dir=str(tmp_path / "mnist"))
     sample = ds.skip(1).first()
@@ -80,6 +81,7 @@ def test_noise_trajectory_grayscale_sample_without_trajectory_then_computed(tmp_
     assert marks and marks[0]["x"] == [499, 999]
     ds.reload()
     assert ds[sample.id].forward_trajectory.noise_levels == [0.0, 0.5, 1.0]
+    assert ds[sample.id].forward_trajectory.schedule == model_schedule(None).name  # the shipped DDPM's
     assert not ds.exists("forward_trajectory").exclude([sample.id]).count()  # only the current sample
 
     bad = run_panel("noise_trajectory", ds, method="compute_forward", current_sample=sample.id,
@@ -111,10 +113,11 @@ def test_noise_trajectory_rgb_sample(tmp_path, dataset_name):
     assert overview["state"]["has_labels"] is False and "prediction" in overview["state"]["message"]
 
 
-def test_panels_on_generated_samples(tiny_ddpm, dataset_name):
+def test_panels_on_generated_samples(tiny_ddpm, dataset_name, tmp_path, mnist_dir):
     import fiftyone as fo
+    from fiftyone import ViewField as F
 
-    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion import generate_ddpm_samples, train_ddpm
 
     generate_ddpm_samples(dataset_name, num_samples=4, model=tiny_ddpm, steps=4, trajectory_steps=3, progress=False)
     generate_ddpm_samples(dataset_name, num_samples=2, model=tiny_ddpm, sampler="ddim", steps=2, seed=50,
@@ -159,3 +162,15 @@ def test_panels_on_generated_samples(tiny_ddpm, dataset_name):
     assert len(view) == labels["y"][0] and set(view.values("prediction.label")) == {label}
     reset = run_panel("generation_overview", ds, method="show_all", state=clicked["state"])
     assert any(op[0] == "clear_view" for op in reset["ops"]) and reset["state"]["filtered_label"] is None
+
+    # computing a forward trajectory on a generated sample uses its model's schedule, not a fixed one
+    linear = str(tmp_path / "linear-ddpm")
+    train_ddpm(linear, data_dir=mnist_dir, steps=1, beta_schedule="linear", block_out_channels=(32, 32, 32),
+               batch_size=2, checkpoint_every=1, progress=False)
+    generate_ddpm_samples(dataset_name, num_samples=1, model=linear, steps=2, seed=90, progress=False)
+    ds.reload()
+    for model, expected in ((tiny_ddpm, "squaredcos_cap_v2"), (linear, "linear")):
+        gen = ds.match(F("generation.model") == model).first()
+        run_panel("noise_trajectory", ds, method="compute_forward", current_sample=gen.id, state={"levels": "0, 1"})
+        ds.reload()
+        assert ds[gen.id].forward_trajectory.schedule == expected
