@@ -62,7 +62,8 @@ def _add_generate_ddpm(sub) -> None:
     p.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, help="class to generate (class-conditional models)")
+    p.add_argument("--label", help="class to generate (class-conditional models), or 'random': a random "
+                                   "class per sample, guided to it; default: unconditional")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")

@@ -96,7 +96,11 @@ def validate_generation_args(num_samples: int, sampler: str, steps: int, guidanc
         raise InputError(f"trajectory_steps must be >= 0, got {trajectory_steps}")
 
 
+RANDOM_LABEL = "random"
+
+
 def _resolve_label(model: DDPMModel, label) -> int | None:
+    """The class index of `label`; None for unconditional; RANDOM_LABEL is checked, resolved per sample."""
     if label is None or label == "":
         return None
     if not model.conditional:
@@ -104,8 +108,16 @@ def _resolve_label(model: DDPMModel, label) -> int | None:
     try:
         index = model.classes.index(str(label))
     except ValueError:
-        raise InputError(f"label {label!r} is not one of the model's classes {model.classes}") from None
+        if label == RANDOM_LABEL:
+            return None
+        raise InputError(f"label {label!r} is not one of the model's classes {model.classes}, "
+                         f"nor {RANDOM_LABEL!r}") from None
     return index
+
+
+def drawn_label(seed: int, num_classes: int) -> int:
+    """The class a `label="random"` sample draws: uniform, from its own seed (independent of its noise)."""
+    return int(np.random.default_rng([int(seed), 0x1ABE1]).integers(num_classes))
 
 
 def get_or_create_dataset(dataset):
@@ -150,6 +162,9 @@ def generate_ddpm_samples(
     out-of-memory error the batch size halves and the batch is retried (the result says which
     batch size was used).
 
+    `label`: a class, None (unconditional: the model's null class, no guidance) or "random" (each
+    sample draws a class uniformly from its own seed, stored as its `label`, and is guided to it).
+
     Sample i uses seed `seed + i`; its `generation` field holds the whole recipe, so it alone
     regenerates bit-identically on the same device. Digit models also get a `prediction` from
     the shipped classifier (`classify_samples=None` means: when the model makes digits).
@@ -166,6 +181,8 @@ def generate_ddpm_samples(
     precision_name = {v: k for k, v in PRECISIONS.items()}[dtype]
     ddpm = load_ddpm(model, dev)
     label_index = _resolve_label(ddpm, label)
+    random_label = label == RANDOM_LABEL
+    guided = random_label or label_index is not None
     do_classify = ddpm.is_digit_model if classify_samples is None else classify_samples
     classifier = DigitClassifier.load() if do_classify else None
     ds = get_or_create_dataset(dataset)
@@ -174,8 +191,8 @@ def generate_ddpm_samples(
 
     run_key = run_key or uuid.uuid4().hex[:8]
     recipe = {"model": ddpm.name, "sampler": sampler, "steps": steps,
-              "label": None if label_index is None else ddpm.classes[label_index],
-              "guidance_scale": float(guidance_scale) if label_index is not None else None,
+              "label": RANDOM_LABEL if random_label else None if label_index is None else ddpm.classes[label_index],
+              "guidance_scale": float(guidance_scale) if guided else None,
               "precision": precision_name, "device": dev.type, "run_key": run_key}
     done = resume_run(ds, folder, run_key, recipe, seed)
     pending = (i for i in range(num_samples) if i not in done)  # lazy: memory is flat in num_samples
@@ -191,9 +208,10 @@ def generate_ddpm_samples(
                 break
             indices = queue[:batch_size]
             seeds = [seed + i for i in indices]
+            labels = [drawn_label(s, len(ddpm.classes)) for s in seeds] if random_label else [label_index] * len(seeds)
             recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
             try:
-                images = sample(ddpm, seeds, sampler, steps, [label_index] * len(seeds), guidance_scale, dev, dtype,
+                images = sample(ddpm, seeds, sampler, steps, labels, guidance_scale, dev, dtype,
                                 on_step=recorder if trajectory_steps else None)
             except torch.OutOfMemoryError:
                 if batch_size == 1:
@@ -210,7 +228,9 @@ def generate_ddpm_samples(
             for j, (i, s) in enumerate(zip(indices, seeds, strict=True)):
                 path = os.path.join(folder, f"{run_key}_{i:06d}.png")
                 written.append(atomic_save_image(_pil(arrays[j]), path))
-                fields = {"generation": fo.DynamicEmbeddedDocument(**recipe, seed=s, index=i, created_at=now)}
+                drawn = {"label": ddpm.classes[labels[j]], "label_drawn": True} if random_label else {}
+                fields = {"generation": fo.DynamicEmbeddedDocument(**{**recipe, **drawn}, seed=s, index=i,
+                                                                   created_at=now)}
                 if trajectory_steps:
                     tpath = os.path.join(folder, "trajectories", f"{run_key}_{i:06d}.png")
                     written.append(atomic_save_image(_pil(recorder.strip(j)), tpath))
@@ -254,9 +274,11 @@ def resume_run(ds, folder: str, run_key: str, recipe: dict, seed: int) -> set[in
     if len(view):
         first = view.first().generation
         for key, value in recipe.items():
-            if getattr(first, key, None) != value:
-                raise InputError(f"run_key {run_key!r} was started with {key}={getattr(first, key, None)!r}, "
-                                 f"not {value!r}")
+            stored = getattr(first, key, None)
+            if key == "label" and getattr(first, "label_drawn", False):
+                stored = RANDOM_LABEL
+            if stored != value:
+                raise InputError(f"run_key {run_key!r} was started with {key}={stored!r}, not {value!r}")
         if first.seed - first.index != seed:
             raise InputError(f"run_key {run_key!r} was started with seed={first.seed - first.index}, not {seed}")
         done = set(view.values("generation.index"))

@@ -30,6 +30,8 @@ class GenerateDdpmSamples(foo.Operator):
         inputs.int("steps", default=20, min=1, max=1000, label="Steps")
         inputs.int("seed", default=0, label="Seed")
         inputs.int("label", label="Digit", description="Empty: unconditional")
+        inputs.bool("random_label", default=False, label="Random digit per sample",
+                    description="Each sample draws a digit from its seed and is guided to it")
         inputs.float("guidance_scale", default=3.0, min=0.0, label="Guidance scale")
         inputs.int("batch_size", default=64, min=1, label="Batch size")
         inputs.int("trajectory_steps", default=10, min=0, label="Trajectory frames")
@@ -43,7 +45,8 @@ class GenerateDdpmSamples(foo.Operator):
             ctx, generate_ddpm_samples, "generated",
             dataset=p.get("dataset") or DEFAULT_DATASET, num_samples=p.get("num_samples", 16),
             model=p.get("model") or None, sampler=p.get("sampler", "dpmsolver++"), steps=p.get("steps", 20),
-            seed=p.get("seed", 0), label=p.get("label"), guidance_scale=p.get("guidance_scale", 3.0),
+            seed=p.get("seed", 0), label="random" if p.get("random_label") else p.get("label"),
+            guidance_scale=p.get("guidance_scale", 3.0),
             batch_size=p.get("batch_size", 64), device=p.get("device", "auto"),
             trajectory_steps=p.get("trajectory_steps", 10), run_key=p.get("run_key") or None,
         )

@@ -206,6 +206,7 @@ def test_unconditional_rgb_folder_in_the_ddpm_cifar10_format(tmp_path, dataset_n
         (dict(steps=0), "steps"),
         (dict(sampler="euler"), "unknown sampler"),
         (dict(label=12), "label"),
+        (dict(label="seven"), "random"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
         (dict(model="/nonexistent/ddpm"), "does not exist"),
         (dict(media_dir="/proc/forbidden"), "not writable"),
@@ -311,6 +312,42 @@ def test_resume_with_other_settings_is_refused(tiny_ddpm, dataset_name):
     generate_ddpm_samples(dataset_name, num_samples=1, model=tiny_ddpm, steps=2, run_key="r1", progress=False)
     with pytest.raises(InputError, match="run_key 'r1' was started with steps=2"):
         generate_ddpm_samples(dataset_name, num_samples=2, model=tiny_ddpm, steps=3, run_key="r1", progress=False)
+
+
+def test_random_label_draws_a_class_per_sample_from_its_seed_and_regenerates(tiny_ddpm, dataset_name, tmp_path,
+                                                                            mnist_dir):
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+    from fiftyone.operators import execute_operator
+
+    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion.brain.generation import drawn_label, regenerate_ddpm_sample
+
+    generate_ddpm_samples(dataset_name, num_samples=3, model=tiny_ddpm, steps=2, seed=5, label="random",
+                          guidance_scale=2.0, batch_size=2, run_key="rnd", trajectory_steps=0, progress=False)
+    generate_ddpm_samples(dataset_name, num_samples=12, model=tiny_ddpm, steps=2, seed=5, label="random",
+                          guidance_scale=2.0, batch_size=4, run_key="rnd", trajectory_steps=0, progress=False)
+    samples = list(fo.load_dataset(dataset_name).sort_by("generation.index"))
+    gens = [s.generation for s in samples]
+    assert [g.index for g in gens] == list(range(12))  # resumed with label="random": no duplicates
+    assert [g.label for g in gens] == [str(drawn_label(5 + i, 10)) for i in range(12)]
+    assert len({g.label for g in gens}) > 3 and all(g.label_drawn and g.guidance_scale == 2.0 for g in gens)
+    assert np.array_equal(regenerate_ddpm_sample(samples[7]), _png(samples[7].filepath))
+    execute_operator("@fiftyone-diffusion/diffusion/generate_ddpm_samples",
+                     params={"dataset": dataset_name, "num_samples": 13, "model": tiny_ddpm, "steps": 2, "seed": 5,
+                             "random_label": True, "guidance_scale": 2.0, "run_key": "rnd", "trajectory_steps": 0})
+    last = fo.load_dataset(dataset_name).match(F("generation.index") == 12).first().generation
+    assert last.label == str(drawn_label(17, 10)) and last.label_drawn
+    with pytest.raises(InputError, match="started with label='random', not None"):
+        generate_ddpm_samples(dataset_name, num_samples=14, model=tiny_ddpm, steps=2, seed=5,
+                              guidance_scale=2.0, run_key="rnd", trajectory_steps=0, progress=False)
+
+    uncond = str(tmp_path / "uncond")
+    from fiftyone_diffusion import train_ddpm
+
+    train_ddpm(uncond, data_dir=mnist_dir, steps=1, conditional=False, **TINY)
+    with pytest.raises(InputError, match="unconditional"):
+        generate_ddpm_samples(dataset_name, num_samples=1, model=uncond, label="random", progress=False)
 
 
 def test_out_of_memory_halves_the_batch_and_retries(tiny_ddpm, dataset_name, monkeypatch):
