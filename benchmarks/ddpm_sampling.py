@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from fiftyone_diffusion.brain.generation import drawn_label
 from fiftyone_diffusion.brain.images import from_mnist
 from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
 from fiftyone_diffusion.plugins.ddpm import load_ddpm, sample
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--ddpm-samples", type=int, default=None, help="fewer samples for DDPM-1000 (slow)")
     ap.add_argument("--pipeline-samples", type=int, default=32, help="samples for the DDPMPipeline timing")
     ap.add_argument("--samplers", default="ddpm:1000,ddim:50,dpmsolver++:20,dpmsolver++:10")
-    ap.add_argument("--label", type=int, default=None, help="class-conditional runs: this digit")
+    ap.add_argument("--label", default=None, help="class-conditional runs: this digit, or 'random' (one per seed)")
     ap.add_argument("--guidance-scale", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -106,7 +107,9 @@ def main() -> None:
         images, start = [], time.perf_counter()
         for i in range(0, n, args.batch_size):
             seeds = list(range(i, min(n, i + args.batch_size)))
-            images.append(sample(model, seeds, name, steps, [args.label] * len(seeds),
+            labels = ([drawn_label(s, 10) for s in seeds] if args.label == "random"
+                      else [None if args.label is None else int(args.label)] * len(seeds))
+            images.append(sample(model, seeds, name, steps, labels,
                                  args.guidance_scale, device, dtype))
         seconds = time.perf_counter() - start
         row = {"sampler": name, "steps": steps, "samples": n, "images_per_s": round(n / seconds, 2),
