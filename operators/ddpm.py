@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_diffusion.brain.generation import DEFAULT_DATASET, generate_ddpm_samples
+from fiftyone_diffusion.brain.generation import DEFAULT_DATASET, RANDOM_LABEL, generate_ddpm_samples
 from fiftyone_diffusion.brain.training import train_classifier, train_ddpm
 from fiftyone_diffusion.operators.common import heavy_config, run_with_progress, target_input, target_view
 from fiftyone_diffusion.plugins.ddpm import SAMPLERS
@@ -45,7 +45,7 @@ class GenerateDdpmSamples(foo.Operator):
             ctx, generate_ddpm_samples, "generated",
             dataset=p.get("dataset") or DEFAULT_DATASET, num_samples=p.get("num_samples", 16),
             model=p.get("model") or None, sampler=p.get("sampler", "dpmsolver++"), steps=p.get("steps", 20),
-            seed=p.get("seed", 0), label="random" if p.get("random_label") else p.get("label"),
+            seed=p.get("seed", 0), label=RANDOM_LABEL if p.get("random_label") else p.get("label"),
             guidance_scale=p.get("guidance_scale", 3.0),
             batch_size=p.get("batch_size", 64), device=p.get("device", "auto"),
             trajectory_steps=p.get("trajectory_steps", 10), run_key=p.get("run_key") or None,
