@@ -45,6 +45,8 @@ def _add_train_ddpm(sub) -> None:
     p.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"],
                    help="what the U-Net predicts (default: v, stable at high noise)")
     p.add_argument("--unconditional", action="store_true", help="no class conditioning")
+    p.add_argument("--p-uncond", type=float, default=0.15,
+                   help="share of batches trained on the null class (classifier-free guidance, label=None)")
     p.add_argument("--upsample-mode", default="bilinear", choices=["bilinear", "nearest", "transposed"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> object:
                           batch_size=args.batch_size, learning_rate=args.learning_rate,
                           checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
                           prediction_type=args.prediction_type,
-                          conditional=not args.unconditional, upsample_mode=args.upsample_mode, seed=args.seed,
+                          conditional=not args.unconditional, p_uncond=args.p_uncond, upsample_mode=args.upsample_mode, seed=args.seed,
                           device=args.device, precision=args.precision, resume=not args.no_resume,
                           warmup_steps=args.warmup_steps, init_from=args.init_from)
     if cmd == "generate-ddpm-samples":

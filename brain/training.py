@@ -184,6 +184,8 @@ def train_ddpm(
         raise InputError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if not 0.0 <= p_uncond < 1.0:
+        raise InputError(f"p_uncond must be in [0, 1), got {p_uncond!r}")
     dev = resolve_device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(dev)
     if dtype == torch.float16:

@@ -131,6 +131,8 @@ def test_prediction_type_is_trained_recorded_and_inherited_by_every_sampler(tmp_
         assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
     with pytest.raises(InputError, match="prediction_type"):
         train_ddpm(str(tmp_path / "bad"), data_dir=mnist_dir, steps=1, prediction_type="sample", **TINY)
+    with pytest.raises(InputError, match="p_uncond"):
+        train_ddpm(str(tmp_path / "bad"), data_dir=mnist_dir, steps=1, p_uncond=1.0, **TINY)
     assert not os.path.exists(tmp_path / "bad")
 
 
