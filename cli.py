@@ -300,8 +300,8 @@ def run(args: argparse.Namespace) -> object:
         return train_ddpm(args.output_dir, data_dir=args.data_dir, view=view, steps=args.steps,
                           batch_size=args.batch_size, learning_rate=args.learning_rate,
                           checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
-                          prediction_type=args.prediction_type,
-                          conditional=not args.unconditional, p_uncond=args.p_uncond, upsample_mode=args.upsample_mode, seed=args.seed,
+                          prediction_type=args.prediction_type, p_uncond=args.p_uncond,
+                          conditional=not args.unconditional, upsample_mode=args.upsample_mode, seed=args.seed,
                           device=args.device, precision=args.precision, resume=not args.no_resume,
                           warmup_steps=args.warmup_steps, init_from=args.init_from)
     if cmd == "generate-ddpm-samples":
