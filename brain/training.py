@@ -303,7 +303,8 @@ def _warm_start(init_from: str, num_classes: int | None) -> tuple[DigitUNet, DDP
     if loaded.unet.config.num_class_embeds != expected:
         raise InputError(f"init_from={init_from!r} has {loaded.unet.config.num_class_embeds} class embeddings; "
                          f"this data needs {expected}")
-    unet = DigitUNet.from_config(loaded.unet.config)
+    config = {k: v for k, v in loaded.unet.config.items() if k != "_name_or_path"}  # no local paths in exports
+    unet = DigitUNet.from_config(config)
     unet.load_state_dict(loaded.unet.state_dict())
     return unet, DDPMScheduler.from_config(loaded.scheduler_config), dict(loaded.extra)
 

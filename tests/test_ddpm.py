@@ -73,6 +73,8 @@ def test_warm_start_continues_from_a_trained_folder(tmp_path, mnist_dir, tiny_dd
     with open(os.path.join(out, "fiftyone_diffusion.json")) as f:
         meta = json.load(f)
     assert meta["init_from"]["steps"] == 2 and meta["steps"] == 1 and meta["total_steps"] == 3
+    with open(os.path.join(out, "unet", "config.json")) as f:
+        assert "_name_or_path" not in json.load(f)  # the export carries no local path
     with pytest.raises(InputError, match="class embeddings"):
         train_ddpm(str(tmp_path / "bad"), data_dir=mnist_dir, steps=1, conditional=False, init_from=tiny_ddpm,
                    **TINY)
