@@ -147,7 +147,8 @@ def _run_generate_operator(page, shots, model: str) -> None:
     # inputs in form order: num_samples is the first number field, model the second text field
     prompt.get_by_role("spinbutton").nth(0).fill("8")
     prompt.get_by_role("textbox").nth(1).fill(model)
-    prompt.get_by_role("spinbutton").nth(1).fill("6")  # steps
+    # steps: few for the tiny test model, the shipped default (20) for a real model's screenshots
+    prompt.get_by_role("spinbutton").nth(1).fill("20" if os.environ.get("E2E_DDPM_MODEL") else "6")
     shots("operator-form", prompt)
     execute = prompt.get_by_role("button", name="Execute", exact=True)
     if not execute.count():  # delegated by default: choose immediate execution in the split button
