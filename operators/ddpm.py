@@ -71,6 +71,8 @@ class TrainDdpm(foo.Operator):
         inputs.int("checkpoint_every", default=250, min=1, label="Checkpoint every")
         inputs.str("init_from", label="Warm-start from",
                    description="Optional: ddpm-mnist or a DDPM folder written by train-ddpm")
+        inputs.float("p_uncond", default=0.15, min=0.0, max=0.99, label="Label dropout",
+                     description="Share of batches on the null class (unconditional samples, guidance)")
         _device_input(inputs)
         return types.Property(inputs, view=types.View(label="Train a DDPM"))
 
@@ -81,7 +83,7 @@ class TrainDdpm(foo.Operator):
             ctx, train_ddpm, "step", output_dir=p["output_dir"], data_dir=p.get("data_dir") or None, view=view,
             steps=p.get("steps", 3000), batch_size=p.get("batch_size", 128),
             checkpoint_every=p.get("checkpoint_every", 250), device=p.get("device", "auto"),
-            init_from=p.get("init_from") or None,
+            init_from=p.get("init_from") or None, p_uncond=p.get("p_uncond", 0.15),
         )
 
 

@@ -264,6 +264,20 @@ def test_failure_half_way_keeps_complete_batches_and_no_orphans(tiny_ddpm, datas
     assert on_disk == in_dataset
 
 
+def test_train_operator_warm_starts_with_label_dropout(tiny_ddpm, mnist_dir, tmp_path):
+    import json
+
+    from fiftyone.operators import execute_operator
+
+    out = str(tmp_path / "op-run")
+    execute_operator("@fiftyone-diffusion/diffusion/train_ddpm",
+                     params={"output_dir": out, "source": "MNIST", "data_dir": mnist_dir, "steps": 1,
+                             "batch_size": 2, "init_from": tiny_ddpm, "p_uncond": 0.5, "device": "cpu"})
+    with open(os.path.join(out, "fiftyone_diffusion.json")) as f:
+        meta = json.load(f)
+    assert meta["training"]["p_uncond"] == 0.5 and meta["init_from"]["model"] == tiny_ddpm and meta["steps"] == 1
+
+
 def test_operator_and_cli_generate_into_a_dataset(tiny_ddpm, dataset_name):
     import fiftyone as fo
     from fiftyone.operators import execute_operator
