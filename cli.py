@@ -57,11 +57,13 @@ def _add_train_ddpm(sub) -> None:
 
 
 def _add_generate_ddpm(sub) -> None:
+    from fiftyone_diffusion.plugins.ddpm import SAMPLERS
+
     p = sub.add_parser("generate-ddpm-samples", help="sample a DDPM into a FiftyOne dataset")
     p.add_argument("--dataset", default="ddpm_mnist_generated_samples")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--model", help="shipped name (ddpm-mnist), DDPM folder or hub id")
-    p.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
+    p.add_argument("--sampler", default="dpmsolver++", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", help="class to generate (class-conditional models), or 'random': a random "

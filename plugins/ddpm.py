@@ -18,7 +18,8 @@ from fiftyone_diffusion.plugins.unet import DigitUNet
 
 SHIPPED_DDPM = "ddpm-mnist"
 SHIPPED_DDPM_DIR = os.path.join(WEIGHTS_DIR, SHIPPED_DDPM)
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "dpmsolver++-sde")
+STOCHASTIC_SAMPLERS = ("ddpm", "dpmsolver++-sde")  # draw fresh noise at every step
 MAX_STEPS = 1000
 
 
@@ -29,9 +30,11 @@ def make_scheduler(sampler: str, ddpm_config: dict):
     if sampler == "ddim":
         # DDIM must not inherit DDPM's clip_sample=True: clipping x0 early ruins its samples.
         return DDIMScheduler.from_config(ddpm_config, clip_sample=False, set_alpha_to_one=True)
-    if sampler == "dpmsolver++":
+    if sampler in ("dpmsolver++", "dpmsolver++-sde"):
+        # "-sde": DPM-Solver++(2M) SDE, which re-injects noise each step like ancestral DDPM does
         return DPMSolverMultistepScheduler.from_config(
-            ddpm_config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+            ddpm_config, algorithm_type="sde-dpmsolver++" if sampler.endswith("-sde") else "dpmsolver++",
+            solver_order=2, final_sigmas_type="zero",
         )
     raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
@@ -190,7 +193,7 @@ def sample(
                 tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
                 eps = noise_from_output(x, tt, output, alphas_cumprod, prediction_type)
                 on_step(StepRecord(i, int(t), x, predict_start_from_noise(x, tt, eps, alphas_cumprod), eps))
-            kwargs = {"generator": generators} if sampler == "ddpm" else {}
+            kwargs = {"generator": generators} if sampler in STOCHASTIC_SAMPLERS else {}
             x = scheduler.step(output, t, x, **kwargs).prev_sample
     images = (x.float().clamp(-1, 1) + 1) / 2
     if model.image_size and model.image_size < size:
