@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from fiftyone_diffusion.brain.generation import RANDOM_LABEL, drawn_label
+from fiftyone_diffusion.brain.generation import batch_labels
 from fiftyone_diffusion.brain.images import from_mnist
 from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
 from fiftyone_diffusion.plugins.ddpm import load_ddpm, sample
@@ -107,8 +107,7 @@ def main() -> None:
         images, start = [], time.perf_counter()
         for i in range(0, n, args.batch_size):
             seeds = list(range(i, min(n, i + args.batch_size)))
-            labels = ([drawn_label(s, len(model.classes)) for s in seeds] if args.label == RANDOM_LABEL
-                      else [None if args.label is None else int(args.label)] * len(seeds))
+            labels = batch_labels(model, seeds, args.label)
             images.append(sample(model, seeds, name, steps, labels,
                                  args.guidance_scale, device, dtype))
         seconds = time.perf_counter() - start

@@ -120,6 +120,14 @@ def drawn_label(seed: int, num_classes: int) -> int:
     return int(np.random.default_rng([int(seed), 0x1ABE1]).integers(num_classes))
 
 
+def batch_labels(model: DDPMModel, seeds: list[int], label=None) -> list[int | None]:
+    """The class index each seed samples: `label` for all of them, or, for RANDOM_LABEL, one drawn per seed."""
+    if label == RANDOM_LABEL:
+        _resolve_label(model, label)  # checks the model is class-conditional
+        return [drawn_label(s, len(model.classes)) for s in seeds]
+    return [_resolve_label(model, label)] * len(seeds)
+
+
 def get_or_create_dataset(dataset):
     """A Dataset given as itself or by name; a new name creates a persistent dataset."""
     import fiftyone as fo
@@ -208,7 +216,7 @@ def generate_ddpm_samples(
                 break
             indices = queue[:batch_size]
             seeds = [seed + i for i in indices]
-            labels = [drawn_label(s, len(ddpm.classes)) for s in seeds] if random_label else [label_index] * len(seeds)
+            labels = batch_labels(ddpm, seeds, label)
             recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
             try:
                 images = sample(ddpm, seeds, sampler, steps, labels, guidance_scale, dev, dtype,

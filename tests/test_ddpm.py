@@ -348,6 +348,18 @@ def test_resume_with_other_settings_is_refused(tiny_ddpm, dataset_name):
         generate_ddpm_samples(dataset_name, num_samples=2, model=tiny_ddpm, steps=3, run_key="r1", progress=False)
 
 
+def test_batch_labels_resolve_one_class_for_all_or_draw_one_per_seed(tiny_ddpm):
+    from fiftyone_diffusion.brain.generation import batch_labels, drawn_label
+    from fiftyone_diffusion.plugins.ddpm import load_ddpm
+
+    model = load_ddpm(tiny_ddpm)
+    assert batch_labels(model, [1, 2], "7") == batch_labels(model, [1, 2], 7) == [7, 7]
+    assert batch_labels(model, [1, 2], None) == [None, None]
+    assert batch_labels(model, [5, 6, 7], "random") == [drawn_label(s, 10) for s in (5, 6, 7)]
+    with pytest.raises(InputError, match="not one of the model's classes"):
+        batch_labels(model, [1], "11")
+
+
 def test_random_label_draws_a_class_per_sample_from_its_seed_and_regenerates(tiny_ddpm, dataset_name, tmp_path,
                                                                             mnist_dir):
     import fiftyone as fo
