@@ -23,7 +23,8 @@ def run_demo(no_app: bool = False, num_samples: int = 200, data_dir: str | None 
     if os.path.isfile(os.path.join(SHIPPED_DDPM_DIR, "unet", "config.json")) and num_samples > 0:
         if fo.dataset_exists(GENERATED):
             fo.delete_dataset(GENERATED)
-        result = generate_ddpm_samples(GENERATED, num_samples=num_samples, seed=0)
+        # unconditional digits; the SDE form of DPM-Solver++ gives this model's cleanest ones at 20 steps
+        result = generate_ddpm_samples(GENERATED, num_samples=num_samples, sampler="dpmsolver++-sde", seed=0)
         dataset = fo.load_dataset(GENERATED)
         labels = dataset.values("prediction.label")
         confidences = [c for c in dataset.values("prediction.confidence") if c is not None]
