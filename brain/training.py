@@ -215,7 +215,6 @@ def train_ddpm(
             upsample_mode=upsample_mode,
         ).to(dev)
         init_meta = {}
-    prior_steps = int(init_meta.get("total_steps", init_meta.get("steps", 0)))
     ema = [p.detach().clone() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     os.makedirs(output_dir, exist_ok=True)
@@ -229,6 +228,10 @@ def train_ddpm(
             e.copy_(v)
         opt.load_state_dict(state["optimizer"])
         start_step, elapsed, losses = int(state["step"]), float(state["elapsed"]), list(state["losses"])
+        if init_from:  # the run continues what it started from, even if that folder has changed since
+            init_meta = _recorded_init(state, output_dir) or init_meta
+            beta_schedule = (init_meta.get("training") or {}).get("beta_schedule", beta_schedule)
+    prior_steps = int(init_meta.get("total_steps", init_meta.get("steps", 0)))
     null_class = num_classes
     meta = {
         "classes": data.classes if conditional else None,
@@ -248,7 +251,7 @@ def train_ddpm(
         os.makedirs(ckpt_dir, exist_ok=True)
         _atomic_torch_save(
             {"step": step, "elapsed": elapsed, "losses": losses, "unet": unet.state_dict(), "ema": ema,
-             "optimizer": opt.state_dict()},
+             "optimizer": opt.state_dict(), "init_meta": json.dumps(init_meta)},
             ckpt_path,
         )
         _export(unet, ema, scheduler, output_dir,
@@ -290,6 +293,19 @@ def train_ddpm(
         save(start_step)
     return {"output_dir": output_dir, "steps": steps, "resumed_from": start_step,
             "final_loss": float(np.mean(losses[-100:])) if losses else None, "wall_time_s": round(elapsed)}
+
+
+def _recorded_init(state: dict, output_dir: str) -> dict | None:
+    """The metadata of the model a resumed warm-started run began from: its checkpoint's copy, else its export's."""
+    if state.get("init_meta"):
+        return json.loads(state["init_meta"])
+    path = os.path.join(output_dir, "fiftyone_diffusion.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            init = json.load(f).get("init_from")
+        if init:
+            return {"total_steps": init["steps"], "training": init.get("training")}
+    return None
 
 
 def _warm_start(init_from: str, num_classes: int | None) -> tuple[DigitUNet, DDPMScheduler, dict]:

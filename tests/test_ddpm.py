@@ -80,6 +80,37 @@ def test_warm_start_continues_from_a_trained_folder(tmp_path, mnist_dir, tiny_dd
                    **TINY)
 
 
+def test_resumed_warm_start_keeps_the_step_count_it_started_from(tmp_path, mnist_dir, tiny_ddpm):
+    import json
+    import shutil
+
+    from fiftyone_diffusion import train_ddpm
+
+    init, out = str(tmp_path / "init"), str(tmp_path / "warm")
+    shutil.copytree(tiny_ddpm, init)
+    train_ddpm(out, data_dir=mnist_dir, steps=1, init_from=init, **TINY)  # tiny_ddpm: 2 steps
+    meta_path = os.path.join(init, "fiftyone_diffusion.json")
+    with open(meta_path) as f:
+        init_meta = json.load(f)
+    with open(meta_path, "w") as f:  # the init folder moves on (say, this run's result is shipped there)
+        json.dump({**init_meta, "steps": 50, "total_steps": 50}, f)
+
+    def exported() -> dict:
+        with open(os.path.join(out, "fiftyone_diffusion.json")) as f:
+            return json.load(f)
+
+    result = train_ddpm(out, data_dir=mnist_dir, steps=2, init_from=init, **TINY)
+    assert result["resumed_from"] == 1
+    assert exported()["init_from"]["steps"] == 2 and exported()["total_steps"] == 4
+    # checkpoints written before the record existed: the run's own export tells where it began
+    state_path = os.path.join(out, "checkpoint", "state.pt")
+    state = torch.load(state_path, weights_only=True)
+    del state["init_meta"]
+    torch.save(state, state_path)
+    assert train_ddpm(out, data_dir=mnist_dir, steps=3, init_from=init, **TINY)["resumed_from"] == 2
+    assert exported()["init_from"]["steps"] == 2 and exported()["total_steps"] == 5
+
+
 def test_output_is_a_plain_diffusers_folder(tiny_ddpm):
     from diffusers import DDPMScheduler, UNet2DModel
 
