@@ -57,7 +57,7 @@ def _add_train_ddpm(sub) -> None:
 
 
 def _add_generate_ddpm(sub) -> None:
-    from fiftyone_diffusion.plugins.ddpm import SAMPLERS
+    from fiftyone_diffusion.plugins.ddpm_samplers import SAMPLERS  # not plugins.ddpm: diffusers takes seconds
 
     p = sub.add_parser("generate-ddpm-samples", help="sample a DDPM into a FiftyOne dataset")
     p.add_argument("--dataset", default="ddpm_mnist_generated_samples")

@@ -13,13 +13,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from fiftyone_diffusion.errors import InputError
 from fiftyone_diffusion.plugins.classifier import WEIGHTS_DIR
+from fiftyone_diffusion.plugins.ddpm_samplers import SAMPLERS, STOCHASTIC_SAMPLERS
 from fiftyone_diffusion.plugins.noise import noise_from_output, predict_start_from_noise
 from fiftyone_diffusion.plugins.unet import DigitUNet
 
 SHIPPED_DDPM = "ddpm-mnist"
 SHIPPED_DDPM_DIR = os.path.join(WEIGHTS_DIR, SHIPPED_DDPM)
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "dpmsolver++-sde")
-STOCHASTIC_SAMPLERS = ("ddpm", "dpmsolver++-sde")  # draw fresh noise at every step
 MAX_STEPS = 1000
 
 
