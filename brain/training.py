@@ -199,7 +199,6 @@ def train_ddpm(
     torch.manual_seed(seed)  # weight init: a run is a function of its seed
     if init_from:
         unet, scheduler, init_meta = _warm_start(init_from, num_classes if conditional else None)
-        beta_schedule = init_meta.get("training", {}).get("beta_schedule", beta_schedule)
         unet = unet.to(dev)
     else:
         scheduler = DDPMScheduler(
@@ -230,7 +229,8 @@ def train_ddpm(
         start_step, elapsed, losses = int(state["step"]), float(state["elapsed"]), list(state["losses"])
         if init_from:  # the run continues what it started from, even if that folder has changed since
             init_meta = _recorded_init(state, output_dir) or init_meta
-            beta_schedule = (init_meta.get("training") or {}).get("beta_schedule", beta_schedule)
+    if init_from:  # a warm start keeps the noise schedule of the model it began from
+        beta_schedule = (init_meta.get("training") or {}).get("beta_schedule", beta_schedule)
     prior_steps = int(init_meta.get("total_steps", init_meta.get("steps", 0)))
     null_class = num_classes
     meta = {
