@@ -69,6 +69,10 @@ def _add_generate_ddpm(sub) -> None:
     p.add_argument("--label", help="class to generate (class-conditional models), or 'random': a random "
                                    "class per sample, guided to it; default: unconditional")
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--autoguide-model", default="auto",
+                   help="guide for unconditional samples (autoguidance): 'auto' (the model's recommended guide; "
+                        "the shipped model's is ddpm-mnist-guide), 'none', or a DDPM folder")
+    p.add_argument("--autoguide-scale", type=float, help="autoguidance weight (default: the model's recommended)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--trajectory-steps", type=int, default=10)
@@ -314,6 +318,7 @@ def run(args: argparse.Namespace) -> object:
             seed=args.seed, label=args.label, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
             device=args.device, trajectory_steps=args.trajectory_steps, media_dir=args.media_dir,
             classify_samples=False if args.no_classify else None, run_key=args.run_key,
+            autoguide_model=args.autoguide_model, autoguide_scale=args.autoguide_scale,
         )
         return result
     if cmd == "generate-sdxl-samples":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from fiftyone_diffusion.brain.generation import batch_labels
+from fiftyone_diffusion.brain.generation import batch_labels, resolve_autoguide
 from fiftyone_diffusion.brain.images import from_mnist
 from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
 from fiftyone_diffusion.plugins.ddpm import load_ddpm, sample
@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--samplers", default="ddpm:1000,ddim:50,dpmsolver++:20,dpmsolver++:10")
     ap.add_argument("--label", default=None, help="class-conditional runs: this digit, or 'random' (one per seed)")
     ap.add_argument("--guidance-scale", type=float, default=3.0)
+    ap.add_argument("--autoguide-model", default="auto", help="unconditional runs: 'auto', 'none' or a DDPM folder")
+    ap.add_argument("--autoguide-scale", type=float, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + num-samples - 1")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--device", default="auto")
@@ -89,6 +92,8 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.precision) or fast_dtype(device)
     model = load_ddpm(args.model, device)
+    guide, guide_scale = resolve_autoguide(model, args.autoguide_model, args.autoguide_scale, args.label is None,
+                                           device)
     classifier = DigitClassifier.load()
     test = from_mnist("test", args.data_dir)
     _, real_feats = classify(classifier, test.images)
@@ -96,7 +101,8 @@ def main() -> None:
     half = len(real_feats) // 2
     baseline = frechet(real_feats[:half], real_feats[half:])
     print(f"device={device.type} precision={str(dtype).replace('torch.', '')} threads={torch.get_num_threads()} "
-          f"label={args.label} guidance={args.guidance_scale if args.label is not None else None}")
+          f"label={args.label} guidance={args.guidance_scale if args.label is not None else None} "
+          f"autoguide={guide.name if guide else None} autoguide_scale={guide_scale}")
     print(f"real-vs-real Frechet distance (MNIST test halves): {baseline:.2f}")
 
     rows = []
@@ -106,10 +112,10 @@ def main() -> None:
         n = args.num_samples if not (name == "ddpm" and args.ddpm_samples) else args.ddpm_samples
         images, start = [], time.perf_counter()
         for i in range(0, n, args.batch_size):
-            seeds = list(range(i, min(n, i + args.batch_size)))
+            seeds = list(range(args.first_seed + i, args.first_seed + min(n, i + args.batch_size)))
             labels = batch_labels(model, seeds, args.label)
-            images.append(sample(model, seeds, name, steps, labels,
-                                 args.guidance_scale, device, dtype))
+            images.append(sample(model, seeds, name, steps, labels, args.guidance_scale, device, dtype,
+                                 guide=guide, guide_scale=guide_scale or 1.0))
         seconds = time.perf_counter() - start
         row = {"sampler": name, "steps": steps, "samples": n, "images_per_s": round(n / seconds, 2),
                **quality(classifier, torch.cat(images), real_feats)}

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 from fiftyone_diffusion.brain.media import atomic_save_image, check_writable_dir
 from fiftyone_diffusion.errors import InputError, add_note
 from fiftyone_diffusion.plugins.classifier import DigitClassifier, classify
-from fiftyone_diffusion.plugins.ddpm import MAX_STEPS, SAMPLERS, DDPMModel, StepRecord, load_ddpm, sample
+from fiftyone_diffusion.plugins.ddpm import (
+    MAX_STEPS,
+    SAMPLERS,
+    DDPMModel,
+    StepRecord,
+    check_guide,
+    load_ddpm,
+    sample,
+)
 from fiftyone_diffusion.plugins.devices import fast_dtype, resolve_device
 
 DEFAULT_DATASET = "ddpm_mnist_generated_samples"
@@ -128,6 +136,39 @@ def batch_labels(model: DDPMModel, seeds: list[int], label=None) -> list[int | N
     return [_resolve_label(model, label)] * len(seeds)
 
 
+AUTO_GUIDE = "auto"
+DEFAULT_AUTOGUIDE_SCALE = 2.0
+
+
+def resolve_autoguide(ddpm: DDPMModel, autoguide_model: str | None, autoguide_scale: float | None,
+                      unconditional: bool, device) -> tuple[DDPMModel | None, float | None]:
+    """The guide model and scale for autoguidance of unconditional samples; (None, None) when off.
+
+    `autoguide_model="auto"` takes the guide the model's `fiftyone_diffusion.json` recommends under
+    `autoguidance` (`{"guide": name or folder, "scale": w}`), if any; None or "none" turns it off.
+    """
+    if autoguide_scale is not None and autoguide_scale < 0:
+        raise InputError(f"autoguide_scale must be >= 0, got {autoguide_scale}")
+    if autoguide_model in (None, "", "none"):
+        return None, None
+    recommended = ddpm.extra.get("autoguidance") or {}
+    if autoguide_model == AUTO_GUIDE:
+        if not unconditional or not recommended.get("guide"):
+            return None, None
+        name = recommended["guide"]
+        if not os.path.isabs(name) and os.path.isdir(os.path.join(ddpm.name, name)):
+            name = os.path.join(ddpm.name, name)  # a guide stored next to (or inside) a model folder
+    elif not unconditional:
+        raise InputError("autoguidance applies to unconditional samples (label=None); a class label is guided "
+                         "by classifier-free guidance (guidance_scale)")
+    else:
+        name = autoguide_model
+    scale = autoguide_scale if autoguide_scale is not None else recommended.get("scale", DEFAULT_AUTOGUIDE_SCALE)
+    guide = load_ddpm(name, device)
+    check_guide(ddpm, guide)
+    return (None, None) if scale == 1.0 else (guide, float(scale))
+
+
 def get_or_create_dataset(dataset):
     """A Dataset given as itself or by name; a new name creates a persistent dataset."""
     import fiftyone as fo
@@ -161,6 +202,8 @@ def generate_ddpm_samples(
     run_key: str | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    autoguide_model: str | None = AUTO_GUIDE,
+    autoguide_scale: float | None = None,
 ) -> dict:
     """Sample `num_samples` images from a DDPM into `dataset` (a name or a Dataset).
 
@@ -172,6 +215,9 @@ def generate_ddpm_samples(
 
     `label`: a class, None (unconditional: the model's null class, no guidance) or "random" (each
     sample draws a class uniformly from its own seed, stored as its `label`, and is guided to it).
+
+    Unconditional samples use autoguidance when the model recommends a guide (the shipped model
+    does: `ddpm-mnist-guide`) or `autoguide_model` names one; `autoguide_model=None` turns it off.
 
     Sample i uses seed `seed + i`; its `generation` field holds the whole recipe, so it alone
     regenerates bit-identically on the same device. Digit models also get a `prediction` from
@@ -191,6 +237,7 @@ def generate_ddpm_samples(
     label_index = _resolve_label(ddpm, label)
     random_label = label == RANDOM_LABEL
     guided = random_label or label_index is not None
+    guide, guide_scale = resolve_autoguide(ddpm, autoguide_model, autoguide_scale, not guided, dev)
     do_classify = ddpm.is_digit_model if classify_samples is None else classify_samples
     classifier = DigitClassifier.load() if do_classify else None
     ds = get_or_create_dataset(dataset)
@@ -201,6 +248,7 @@ def generate_ddpm_samples(
     recipe = {"model": ddpm.name, "sampler": sampler, "steps": steps,
               "label": RANDOM_LABEL if random_label else None if label_index is None else ddpm.classes[label_index],
               "guidance_scale": float(guidance_scale) if guided else None,
+              "autoguide_model": guide.name if guide else None, "autoguide_scale": guide_scale,
               "precision": precision_name, "device": dev.type, "run_key": run_key}
     done = resume_run(ds, folder, run_key, recipe, seed)
     pending = (i for i in range(num_samples) if i not in done)  # lazy: memory is flat in num_samples
@@ -220,7 +268,8 @@ def generate_ddpm_samples(
             recorder = _TrajectoryRecorder(steps, min(trajectory_steps, steps), ddpm.image_size)
             try:
                 images = sample(ddpm, seeds, sampler, steps, labels, guidance_scale, dev, dtype,
-                                on_step=recorder if trajectory_steps else None)
+                                on_step=recorder if trajectory_steps else None, guide=guide,
+                                guide_scale=guide_scale or 1.0)
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -238,7 +287,7 @@ def generate_ddpm_samples(
                 written.append(atomic_save_image(_pil(arrays[j]), path))
                 drawn = {"label": ddpm.classes[labels[j]], "label_drawn": True} if random_label else {}
                 fields = {"generation": fo.DynamicEmbeddedDocument(**{**recipe, **drawn}, seed=s, index=i,
-                                                                   created_at=now)}
+                                                                   batch_size=len(indices), created_at=now)}
                 if trajectory_steps:
                     tpath = os.path.join(folder, "trajectories", f"{run_key}_{i:06d}.png")
                     written.append(atomic_save_image(_pil(recorder.strip(j)), tpath))
@@ -267,7 +316,8 @@ def generate_ddpm_samples(
     finally:
         bar.close()
     return {"dataset": ds.name, "created": created, "resumed": len(done), "run_key": run_key, "media_dir": folder,
-            "model": ddpm.name, "sampler": sampler, "steps": steps, "device": dev.type, "batch_size": batch_size}
+            "model": ddpm.name, "sampler": sampler, "steps": steps, "device": dev.type, "batch_size": batch_size,
+            "autoguide_model": recipe["autoguide_model"], "autoguide_scale": guide_scale}
 
 
 def resume_run(ds, folder: str, run_key: str, recipe: dict, seed: int) -> set[int]:
@@ -305,7 +355,12 @@ def resume_run(ds, folder: str, run_key: str, recipe: dict, seed: int) -> set[in
 
 
 def regenerate_ddpm_sample(sample_or_recipe, device: str = "auto", media_path: str | None = None) -> np.ndarray:
-    """Regenerate one sample's image from its stored `generation` recipe (uint8 array)."""
+    """Regenerate one sample's image from its stored `generation` recipe (uint8 array).
+
+    Low-precision kernels (bf16 on CPU, GPUs) round differently for different batch shapes, though not
+    for different batch mates: the sample is regenerated in a batch of its original size (copies of
+    itself), so its image is bit-identical at any precision.
+    """
     recipe = sample_or_recipe["generation"] if hasattr(sample_or_recipe, "has_field") else sample_or_recipe
     get = recipe.get if isinstance(recipe, dict) else lambda k: getattr(recipe, k, None)
     dev = resolve_device(device)
@@ -313,5 +368,8 @@ def regenerate_ddpm_sample(sample_or_recipe, device: str = "auto", media_path: s
     label = _resolve_label(ddpm, get("label"))
     dtype = PRECISIONS[get("precision") or "fp32"]
     guidance = get("guidance_scale") or 1.0
-    images = sample(ddpm, [get("seed")], get("sampler"), get("steps"), [label], guidance, dev, dtype)
+    guide = load_ddpm(get("autoguide_model"), dev) if get("autoguide_model") else None
+    copies = get("batch_size") or 1
+    images = sample(ddpm, [get("seed")] * copies, get("sampler"), get("steps"), [label] * copies, guidance, dev,
+                    dtype, guide=guide, guide_scale=get("autoguide_scale") or 1.0)[:1]
     return _to_uint8(images)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_diffusion.brain.generation import DEFAULT_DATASET, RANDOM_LABEL, generate_ddpm_samples
+from fiftyone_diffusion.brain.generation import AUTO_GUIDE, DEFAULT_DATASET, RANDOM_LABEL, generate_ddpm_samples
 from fiftyone_diffusion.brain.training import train_classifier, train_ddpm
 from fiftyone_diffusion.operators.common import heavy_config, run_with_progress, target_input, target_view
 from fiftyone_diffusion.plugins.ddpm import SAMPLERS
@@ -33,6 +33,11 @@ class GenerateDdpmSamples(foo.Operator):
         inputs.bool("random_label", default=False, label="Random digit per sample",
                     description="Each sample draws a digit from its seed and is guided to it")
         inputs.float("guidance_scale", default=3.0, min=0.0, label="Guidance scale")
+        inputs.str("autoguide_model", default=AUTO_GUIDE, label="Autoguidance guide",
+                   description="Unconditional samples: 'auto' (the model's recommended guide), 'none', or a "
+                               "DDPM folder")
+        inputs.float("autoguide_scale", min=0.0, label="Autoguidance scale",
+                     description="Empty: the model's recommended scale")
         inputs.int("batch_size", default=64, min=1, label="Batch size")
         inputs.int("trajectory_steps", default=10, min=0, label="Trajectory frames")
         inputs.str("run_key", label="Resume run", description="Key of an interrupted run to complete")
@@ -47,6 +52,7 @@ class GenerateDdpmSamples(foo.Operator):
             model=p.get("model") or None, sampler=p.get("sampler", "dpmsolver++"), steps=p.get("steps", 20),
             seed=p.get("seed", 0), label=RANDOM_LABEL if p.get("random_label") else p.get("label"),
             guidance_scale=p.get("guidance_scale", 3.0),
+            autoguide_model=p.get("autoguide_model") or AUTO_GUIDE, autoguide_scale=p.get("autoguide_scale"),
             batch_size=p.get("batch_size", 64), device=p.get("device", "auto"),
             trajectory_steps=p.get("trajectory_steps", 10), run_key=p.get("run_key") or None,
         )

@@ -19,6 +19,8 @@ from fiftyone_diffusion.plugins.unet import DigitUNet
 
 SHIPPED_DDPM = "ddpm-mnist"
 SHIPPED_DDPM_DIR = os.path.join(WEIGHTS_DIR, SHIPPED_DDPM)
+SHIPPED_GUIDE = "ddpm-mnist-guide"  # an earlier, weaker ddpm-mnist: autoguidance for unconditional samples
+SHIPPED_DDPMS = (SHIPPED_DDPM, SHIPPED_GUIDE)
 MAX_STEPS = 1000
 
 
@@ -67,9 +69,9 @@ _CACHE: dict[tuple[str, str], DDPMModel] = {}
 
 
 def load_ddpm(model: str | None = None, device: torch.device | str = "cpu") -> DDPMModel:
-    """Load the shipped model (None or 'ddpm-mnist'), a local DDPM pipeline folder, or a hub id."""
+    """Load a shipped model (None or 'ddpm-mnist', 'ddpm-mnist-guide'), a local DDPM pipeline folder, or a hub id."""
     name = model or SHIPPED_DDPM
-    folder = SHIPPED_DDPM_DIR if name == SHIPPED_DDPM else os.path.expanduser(name)
+    folder = os.path.join(WEIGHTS_DIR, name) if name in SHIPPED_DDPMS else os.path.expanduser(name)
     key = (os.path.abspath(folder) if os.path.isdir(folder) else name, str(device))
     if key in _CACHE:
         return _CACHE[key]
@@ -77,8 +79,8 @@ def load_ddpm(model: str | None = None, device: torch.device | str = "cpu") -> D
         for needed in ("unet/config.json", "scheduler/scheduler_config.json"):
             if not os.path.isfile(os.path.join(folder, needed)):
                 raise InputError(f"{folder} is not a DDPM pipeline folder: {needed} is missing")
-    elif name == SHIPPED_DDPM:
-        raise InputError(f"the shipped DDPM is missing at {folder}; reinstall fiftyone-diffusion")
+    elif name in SHIPPED_DDPMS:
+        raise InputError(f"the shipped DDPM {name} is missing at {folder}; reinstall fiftyone-diffusion")
     elif os.sep in name and not name.count("/") == 1:
         raise InputError(f"DDPM model folder {name} does not exist")
     try:
@@ -132,6 +134,19 @@ def _hub_file(folder: str, filename: str) -> str:
         ) from None
 
 
+def check_guide(model: DDPMModel, guide: DDPMModel) -> None:
+    """Raise InputError unless `guide` predicts the same quantity on the same noise schedule and images."""
+    keys = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    for key in keys:
+        if model.scheduler_config.get(key) != guide.scheduler_config.get(key):
+            raise InputError(f"guide model {guide.name!r} has {key}={guide.scheduler_config.get(key)!r}, "
+                             f"model {model.name!r} has {model.scheduler_config.get(key)!r}: they must match")
+    for key in ("in_channels", "sample_size"):
+        if getattr(model.unet.config, key) != getattr(guide.unet.config, key):
+            raise InputError(f"guide model {guide.name!r} has {key}={getattr(guide.unet.config, key)}, "
+                             f"model {model.name!r} has {getattr(model.unet.config, key)}: they must match")
+
+
 @dataclass
 class StepRecord:
     """What the sampling loop reports at each step, for trajectories and statistics."""
@@ -153,11 +168,18 @@ def sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     on_step: Callable[[StepRecord], None] | None = None,
+    guide: DDPMModel | None = None,
+    guide_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample one image per seed; returns floats in [0, 1], shape (N, C, H, W).
 
     Each sample draws all of its noise from its own generator, so a sample depends only on its
     own seed and label: it regenerates alone exactly as it came out of a batch.
+
+    Conditional samples use classifier-free guidance (`guidance_scale`). With a `guide`, unconditional
+    samples use autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"): output = guide + guide_scale * (model - guide), the guide being a weaker model of the same
+    kind (here: an earlier checkpoint), queried with its own null class.
     """
     device = torch.device(device)
     scheduler = make_scheduler(sampler, model.scheduler_config)
@@ -174,6 +196,18 @@ def sample(
         class_labels = torch.tensor(lab, device=device)
         guided = guidance_scale != 1.0 and any(v != model.null_class for v in lab)
         null = torch.full_like(class_labels, model.null_class)
+    auto_rows = None
+    if guide is not None and guide_scale != 1.0:
+        check_guide(model, guide)
+        auto_rows = torch.ones(len(seeds), dtype=torch.bool, device=device)
+        if class_labels is not None:
+            auto_rows = class_labels == model.null_class
+        if not auto_rows.any():
+            auto_rows = None
+        elif guide.conditional:
+            guide_labels = torch.full((int(auto_rows.sum()),), guide.null_class, device=device)
+        else:
+            guide_labels = None
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = scheduler.config.prediction_type
     with torch.no_grad():
@@ -188,6 +222,9 @@ def sample(
                     output = out_u + guidance_scale * (out_c - out_u)
                 else:
                     output = model.unet(model_in, t, class_labels=class_labels).sample.float()
+                if auto_rows is not None:
+                    weak = guide.unet(model_in[auto_rows], t, class_labels=guide_labels).sample.float()
+                    output[auto_rows] = weak + guide_scale * (output[auto_rows] - weak)
             if on_step is not None:
                 tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
                 eps = noise_from_output(x, tt, output, alphas_cumprod, prediction_type)

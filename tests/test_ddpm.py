@@ -445,3 +445,19 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_ddpm, dataset_name, mon
                                    progress=False)
     assert result["batch_size"] == 2 and result["created"] == 5
     assert len(fo.load_dataset(dataset_name)) == 5
+
+
+def test_bf16_samples_regenerate_bit_identically_from_a_batch(tiny_ddpm, dataset_name):
+    """bf16 kernels round differently per batch shape: regeneration repeats the sample's batch size."""
+    import fiftyone as fo
+
+    from fiftyone_diffusion import generate_ddpm_samples
+    from fiftyone_diffusion.brain.generation import regenerate_ddpm_sample
+
+    generate_ddpm_samples(dataset_name, num_samples=5, model=tiny_ddpm, steps=3, batch_size=3, precision="bf16",
+                          trajectory_steps=0, progress=False)
+    samples = list(fo.load_dataset(dataset_name).sort_by("generation.seed"))
+    assert [s.generation.batch_size for s in samples] == [3, 3, 3, 2, 2]
+    for s in samples:
+        assert s.generation.precision == "bf16"
+        assert np.array_equal(regenerate_ddpm_sample(s), _png(s.filepath))
