@@ -190,12 +190,16 @@ def generation_overview_data(view, label_field: str = "prediction") -> dict:
                                      "y": [int(v) for v in hist], "width": round(edges[1] - edges[0], 4)}
     if len(view) and _has(view, "generation"):
         fields = ["generation.model", "generation.sampler", "generation.steps", "generation.guidance_scale"]
-        rows = Counter(zip(*view.values(fields), strict=True))
-        for (model, sampler, steps, guidance), count in sorted(rows.items(), key=lambda kv: -kv[1]):
+        values = view.values(fields)
+        auto = view.values("generation.autoguide_scale") if _has(view, "generation.autoguide_scale") else None
+        rows = Counter(zip(*values, auto or [None] * len(values[0]), strict=True))
+        for (model, sampler, steps, guidance, autoguide), count in sorted(rows.items(), key=lambda kv: -kv[1]):
             if model is None:
                 continue
+            shown = "-" if guidance is None else guidance
+            if autoguide is not None:
+                shown = f"autoguidance {autoguide:g}"
             out["recipes"].append({"model": os.path.basename(str(model).rstrip("/")) or str(model),
-                                   "sampler": sampler, "steps": steps,
-                                   "guidance": "-" if guidance is None else guidance, "count": count})
+                                   "sampler": sampler, "steps": steps, "guidance": shown, "count": count})
     return out
 

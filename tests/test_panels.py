@@ -121,7 +121,7 @@ def test_panels_on_generated_samples(tiny_ddpm, dataset_name, tmp_path, mnist_di
 
     generate_ddpm_samples(dataset_name, num_samples=4, model=tiny_ddpm, steps=4, trajectory_steps=3, progress=False)
     generate_ddpm_samples(dataset_name, num_samples=2, model=tiny_ddpm, sampler="ddim", steps=2, seed=50,
-                          trajectory_steps=2, progress=False)
+                          trajectory_steps=2, autoguide_model=tiny_ddpm, autoguide_scale=1.5, progress=False)
     ds = fo.load_dataset(dataset_name)
     sample = ds.first()
     out = run_panel("noise_trajectory", ds, current_sample=sample.id)
@@ -150,8 +150,8 @@ def test_panels_on_generated_samples(tiny_ddpm, dataset_name, tmp_path, mnist_di
     labels = data["labels_plot"][0]
     assert sum(labels["y"]) == 6 and set(labels["x"]) == set(ds.distinct("prediction.label"))
     assert sum(data["confidence_plot"][0]["y"]) == 6
-    recipes = {(r["sampler"], r["steps"]): r["count"] for r in st["recipes"]}
-    assert recipes == {("dpmsolver++", 4): 4, ("ddim", 2): 2}
+    recipes = {(r["sampler"], r["steps"], r["guidance"]): r["count"] for r in st["recipes"]}
+    assert recipes == {("dpmsolver++", 4, "-"): 4, ("ddim", 2, "autoguidance 1.5"): 2}
     assert "6 of 6" in st["message"]
 
     label = labels["x"][0]
