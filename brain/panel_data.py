@@ -191,8 +191,9 @@ def generation_overview_data(view, label_field: str = "prediction") -> dict:
     if len(view) and _has(view, "generation"):
         fields = ["generation.model", "generation.sampler", "generation.steps", "generation.guidance_scale"]
         values = view.values(fields)
-        auto = view.values("generation.autoguide_scale") if _has(view, "generation.autoguide_scale") else None
-        rows = Counter(zip(*values, auto or [None] * len(values[0]), strict=True))
+        # read from the documents: the field is not always declared in the dataset's schema
+        auto = [getattr(g, "autoguide_scale", None) for g in view.values("generation")]
+        rows = Counter(zip(*values, auto, strict=True))
         for (model, sampler, steps, guidance, autoguide), count in sorted(rows.items(), key=lambda kv: -kv[1]):
             if model is None:
                 continue
