@@ -219,9 +219,9 @@ def generate_ddpm_samples(
     Unconditional samples use autoguidance when the model recommends a guide (the shipped model
     does: `ddpm-mnist-guide`) or `autoguide_model` names one; `autoguide_model=None` turns it off.
 
-    Sample i uses seed `seed + i`; its `generation` field holds the whole recipe, so it alone
-    regenerates bit-identically on the same device. Digit models also get a `prediction` from
-    the shipped classifier (`classify_samples=None` means: when the model makes digits).
+    Sample i uses seed `seed + i`; its `generation` field holds the whole recipe (batch size included),
+    so it alone regenerates bit-identically on the same device (`regenerate_ddpm_sample`). Digit models
+    also get a `prediction` from the shipped classifier (`classify_samples=None`: when the model makes digits).
     """
     import fiftyone as fo
 

@@ -189,11 +189,9 @@ def generation_overview_data(view, label_field: str = "prediction") -> dict:
                 out["confidence"] = {"x": [round((a + b) / 2, 4) for a, b in zip(edges[:-1], edges[1:], strict=True)],
                                      "y": [int(v) for v in hist], "width": round(edges[1] - edges[0], 4)}
     if len(view) and _has(view, "generation"):
-        fields = ["generation.model", "generation.sampler", "generation.steps", "generation.guidance_scale"]
-        values = view.values(fields)
-        # read from the documents: the field is not always declared in the dataset's schema
-        auto = [getattr(g, "autoguide_scale", None) for g in view.values("generation")]
-        rows = Counter(zip(*values, auto, strict=True))
+        # one read of the recipe documents (autoguide_scale is not always declared in the dataset's schema)
+        keys = ("model", "sampler", "steps", "guidance_scale", "autoguide_scale")
+        rows = Counter(tuple(getattr(g, k, None) for k in keys) for g in view.values("generation") if g is not None)
         for (model, sampler, steps, guidance, autoguide), count in sorted(rows.items(), key=lambda kv: -kv[1]):
             if model is None:
                 continue

@@ -174,7 +174,8 @@ def sample(
     """Sample one image per seed; returns floats in [0, 1], shape (N, C, H, W).
 
     Each sample draws all of its noise from its own generator, so a sample depends only on its
-    own seed and label: it regenerates alone exactly as it came out of a batch.
+    own seed and label, not on its batch mates; low-precision kernels (bf16, GPUs) may still round
+    differently for another batch size, so regenerate it in a batch of the same size.
 
     Conditional samples use classifier-free guidance (`guidance_scale`). With a `guide`, unconditional
     samples use autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
