@@ -153,6 +153,12 @@ def resolve_autoguide(ddpm: DDPMModel, autoguide_model: str | None, autoguide_sc
         return None, None
     recommended = ddpm.extra.get("autoguidance") or {}
     if autoguide_model == AUTO_GUIDE:
+        if autoguide_scale is not None and not unconditional:
+            raise InputError("autoguide_scale applies to unconditional samples (label=None); a class label is "
+                             "guided by classifier-free guidance (guidance_scale)")
+        if autoguide_scale is not None and not recommended.get("guide"):
+            raise InputError(f"model {ddpm.name!r} recommends no autoguidance guide: name one with "
+                             "autoguide_model to use autoguide_scale")
         if not unconditional or not recommended.get("guide"):
             return None, None
         name = recommended["guide"]

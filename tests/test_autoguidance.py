@@ -86,6 +86,11 @@ def test_auto_takes_the_recommended_guide_for_unconditional_samples_only(guided_
         resolve_autoguide(model, guided_ddpm[1], None, False, "cpu")
     with pytest.raises(InputError, match="autoguide_scale"):
         resolve_autoguide(model, "auto", -1.0, True, "cpu")
+    # a scale that could not apply is refused rather than ignored
+    with pytest.raises(InputError, match="unconditional"):
+        resolve_autoguide(model, "auto", 2.0, False, "cpu")
+    with pytest.raises(InputError, match="recommends no autoguidance guide"):
+        resolve_autoguide(load_ddpm(tiny_ddpm), "auto", 2.0, True, "cpu")
 
 
 def test_a_guide_of_another_kind_is_refused_before_anything_is_written(tiny_ddpm, dataset_name, tmp_path):
