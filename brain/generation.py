@@ -151,22 +151,21 @@ def resolve_autoguide(ddpm: DDPMModel, autoguide_model: str | None, autoguide_sc
         raise InputError(f"autoguide_scale must be >= 0, got {autoguide_scale}")
     if autoguide_model in (None, "", "none"):
         return None, None
+    if not unconditional and (autoguide_model != AUTO_GUIDE or autoguide_scale is not None):
+        raise InputError("autoguidance applies to unconditional samples (label=None); a class label is guided "
+                         "by classifier-free guidance (guidance_scale)")
     recommended = ddpm.extra.get("autoguidance") or {}
     if autoguide_model == AUTO_GUIDE:
-        if autoguide_scale is not None and not unconditional:
-            raise InputError("autoguide_scale applies to unconditional samples (label=None); a class label is "
-                             "guided by classifier-free guidance (guidance_scale)")
-        if autoguide_scale is not None and not recommended.get("guide"):
-            raise InputError(f"model {ddpm.name!r} recommends no autoguidance guide: name one with "
-                             "autoguide_model to use autoguide_scale")
-        if not unconditional or not recommended.get("guide"):
+        if not unconditional:
+            return None, None
+        if not recommended.get("guide"):
+            if autoguide_scale is not None:
+                raise InputError(f"model {ddpm.name!r} recommends no autoguidance guide: name one with "
+                                 "autoguide_model to use autoguide_scale")
             return None, None
         name = recommended["guide"]
         if not os.path.isabs(name) and os.path.isdir(os.path.join(ddpm.name, name)):
             name = os.path.join(ddpm.name, name)  # a guide stored next to (or inside) a model folder
-    elif not unconditional:
-        raise InputError("autoguidance applies to unconditional samples (label=None); a class label is guided "
-                         "by classifier-free guidance (guidance_scale)")
     else:
         name = autoguide_model
     scale = autoguide_scale if autoguide_scale is not None else recommended.get("scale", DEFAULT_AUTOGUIDE_SCALE)
